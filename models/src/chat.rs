@@ -1,0 +1,219 @@
+//! Chat templates with Hugging Face `apply_chat_template` semantics, on minijinja.
+//!
+//! As transformers does: `trim_blocks` and `lstrip_blocks` on, `raise_exception(msg)`,
+//! a `tojson` filter that writes Python's `json.dumps` output (`ensure_ascii=False`,
+//! `", "`/`": "` separators, optional `indent`), `strftime_now(fmt)`, Python string and
+//! dict methods (`.strip()`, `.startswith()`, `.items()`...), and the variables
+//! `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `tools` and
+//! any extra keyword arguments.
+use minijinja::value::{Kwargs, Value as JValue};
+use minijinja::{Environment, Error as JError, ErrorKind};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// One chat message. `content` is usually a string; OpenAI-style content parts
+/// (`[{"type":"text","text":...}]`) are passed through to the template unchanged.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: Value,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.to_string(),
+            content: Value::String(content.to_string()),
+            extra: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    source: String,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
+/// Python's `json.dumps(v, ensure_ascii=False, indent=indent)`.
+pub fn python_json(v: &Value, indent: Option<usize>) -> String {
+    fn esc(s: &str, out: &mut String) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{08}' => out.push_str("\\b"),
+                '\u{0c}' => out.push_str("\\f"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    fn go(v: &Value, indent: Option<usize>, level: usize, out: &mut String) {
+        let nl = |out: &mut String, lvl: usize| {
+            if let Some(n) = indent {
+                out.push('\n');
+                out.push_str(&" ".repeat(n * lvl));
+            }
+        };
+        let sep = if indent.is_some() { "," } else { ", " };
+        match v {
+            Value::Null => out.push_str("null"),
+            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Value::Number(n) => out.push_str(&n.to_string()),
+            Value::String(s) => esc(s, out),
+            Value::Array(a) => {
+                if a.is_empty() {
+                    out.push_str("[]");
+                    return;
+                }
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(sep);
+                    }
+                    nl(out, level + 1);
+                    go(x, indent, level + 1, out);
+                }
+                nl(out, level);
+                out.push(']');
+            }
+            Value::Object(o) => {
+                if o.is_empty() {
+                    out.push_str("{}");
+                    return;
+                }
+                out.push('{');
+                for (i, (k, x)) in o.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(sep);
+                    }
+                    nl(out, level + 1);
+                    esc(k, out);
+                    out.push_str(": ");
+                    go(x, indent, level + 1, out);
+                }
+                nl(out, level);
+                out.push('}');
+            }
+        }
+    }
+    let mut out = String::new();
+    go(v, indent, 0, &mut out);
+    out
+}
+
+fn tojson(v: JValue, kwargs: Kwargs) -> std::result::Result<JValue, JError> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&v).map_err(|e| JError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(JValue::from_safe_string(python_json(&json, indent)))
+}
+
+fn raise_exception(msg: String) -> std::result::Result<JValue, JError> {
+    Err(JError::new(ErrorKind::InvalidOperation, msg))
+}
+
+fn strftime_now(fmt: String) -> std::result::Result<JValue, JError> {
+    // No timezone database is needed for the formats chat templates use (dates).
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let days = secs.div_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    const MONTHS: [&str; 12] = [
+        "January", "February", "March", "April", "May", "June", "July", "August", "September",
+        "October", "November", "December",
+    ];
+    let month = MONTHS[(m - 1) as usize];
+    let out = fmt
+        .replace("%Y", &y.to_string())
+        .replace("%m", &format!("{m:02}"))
+        .replace("%d", &format!("{d:02}"))
+        .replace("%B", month)
+        .replace("%b", &month[..3]);
+    Ok(JValue::from(out))
+}
+
+impl ChatTemplate {
+    pub fn new(source: impl Into<String>, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Result<Self> {
+        let t = Self {
+            source: source.into(),
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        };
+        // Compile once so a broken template fails at load time, not on the first request.
+        t.env()?;
+        Ok(t)
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    fn env(&self) -> Result<Environment<'static>> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned("chat", self.source.clone())
+            .map_err(|e| Error::Template(format!("cannot compile the chat template: {e:#}")))?;
+        Ok(env)
+    }
+
+    /// Render `messages` (`add_generation_prompt`: end with the assistant turn's header).
+    pub fn apply(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.apply_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    pub fn apply_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, Value>,
+    ) -> Result<String> {
+        let env = self.env()?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        let mut ctx = serde_json::Map::new();
+        for (k, v) in extra {
+            ctx.insert(k.clone(), v.clone());
+        }
+        ctx.insert("messages".into(), serde_json::to_value(messages).map_err(|e| Error::Template(e.to_string()))?);
+        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+        ctx.insert("bos_token".into(), Value::String(self.bos_token.clone()));
+        ctx.insert("eos_token".into(), Value::String(self.eos_token.clone()));
+        ctx.entry("tools").or_insert(Value::Null);
+        tmpl.render(JValue::from_serialize(&ctx))
+            .map_err(|e| Error::Template(format!("{e:#}")))
+    }
+}
+
+/// The template used when a model ships none: ChatML.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";

@@ -1,0 +1,386 @@
+//! Sampling: greedy, temperature, top-k, top-p, min-p, repetition / frequency / presence
+//! penalties, seeded and reproducible (same seed, same output), stop conditions.
+//!
+//! Order of operations (as vLLM): penalties on the raw logits, then temperature, then the
+//! top-k, top-p and min-p filters, then a draw. Temperature 0 is greedy.
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: f64,
+    pub min_p: f64,
+    /// HF/CTRL-style: logits of tokens seen (prompt and output) divided by it if positive,
+    /// multiplied if negative. 1.0 disables.
+    pub repetition_penalty: f64,
+    /// OpenAI-style: subtract `frequency_penalty * count` of each output token.
+    pub frequency_penalty: f64,
+    /// OpenAI-style: subtract `presence_penalty` from every output token seen.
+    pub presence_penalty: f64,
+    pub seed: Option<u64>,
+    pub max_tokens: usize,
+    pub stop_token_ids: Vec<u32>,
+    pub stop: Vec<String>,
+    /// Do not stop at the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: None,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+            max_tokens: 256,
+            stop_token_ids: vec![],
+            stop: vec![],
+            ignore_eos: false,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self {
+            temperature: 0.0,
+            max_tokens,
+            ..Default::default()
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < 1e-5 || self.top_k == Some(1)
+    }
+
+    /// Check ranges; the message names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if self.top_k == Some(0) {
+            return bad("top_k must be >= 1 (or absent)".into());
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return bad(format!("frequency_penalty must be in [-2, 2], got {}", self.frequency_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return bad(format!("presence_penalty must be in [-2, 2], got {}", self.presence_penalty));
+        }
+        if self.stop.iter().any(|s| s.is_empty()) {
+            return bad("stop strings must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// xoshiro256** seeded through splitmix64: small, fast, and the same stream on every
+/// platform and crate version, so a seed always reproduces the same text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        let mut z = seed;
+        let mut next = || {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            x ^ (x >> 31)
+        };
+        Self {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    pub fn from_entropy() -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Self::new(t ^ (std::process::id() as u64).rotate_left(32))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Per-sequence sampler state: params, RNG and token counts for the penalties.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: Rng,
+    /// Tokens seen in the prompt (repetition penalty).
+    prompt_tokens: Vec<u32>,
+    /// Counts of generated tokens (frequency/presence penalties, repetition penalty).
+    output_counts: HashMap<u32, u32>,
+}
+
+/// One sampled token with its log-probability under the processed distribution's
+/// source logits (raw log-softmax, as OpenAI's `logprobs` report).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let rng = match params.seed {
+            Some(s) => Rng::new(s),
+            None => Rng::from_entropy(),
+        };
+        let mut prompt_tokens = prompt.to_vec();
+        prompt_tokens.sort_unstable();
+        prompt_tokens.dedup();
+        Self {
+            params,
+            rng,
+            prompt_tokens,
+            output_counts: HashMap::new(),
+        }
+    }
+
+    /// Record a generated token (called by `sample`; also used when replaying output).
+    pub fn observe(&mut self, token: u32) {
+        *self.output_counts.entry(token).or_insert(0) += 1;
+    }
+
+    /// Apply the penalties to `logits` in place.
+    pub fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let rp = p.repetition_penalty as f32;
+            let mut apply = |t: u32| {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 { *l / rp } else { *l * rp };
+                }
+            };
+            for &t in &self.prompt_tokens {
+                apply(t);
+            }
+            for &t in self.output_counts.keys() {
+                if self.prompt_tokens.binary_search(&t).is_err() {
+                    apply(t);
+                }
+            }
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            for (&t, &c) in &self.output_counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= (p.frequency_penalty * c as f64 + p.presence_penalty) as f32;
+                }
+            }
+        }
+    }
+
+    /// Pick the next token from raw logits (f32, vocabulary-sized).
+    pub fn sample(&mut self, raw: &[f32]) -> Sampled {
+        let mut logits = raw.to_vec();
+        self.apply_penalties(&mut logits);
+        let token = if self.params.is_greedy() {
+            argmax(&logits)
+        } else {
+            self.draw(&logits)
+        };
+        self.observe(token);
+        Sampled {
+            token,
+            logprob: log_softmax_at(raw, token as usize),
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let t = p.temperature as f32;
+        // Candidates sorted by logit, descending.
+        let mut idx: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize].is_finite())
+            .collect();
+        if idx.is_empty() {
+            return argmax(logits);
+        }
+        let k = p.top_k.unwrap_or(idx.len()).min(idx.len());
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, |&a, &b| cmp_desc(logits[a as usize], logits[b as usize]));
+            idx.truncate(k);
+        }
+        idx.sort_by(|&a, &b| cmp_desc(logits[a as usize], logits[b as usize]).then(a.cmp(&b)));
+        let max = logits[idx[0] as usize] / t;
+        let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] / t - max) as f64).exp()).collect();
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+        // top-p: the smallest prefix with mass >= top_p (always keeps the first).
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (j, &pr) in probs.iter().enumerate() {
+                acc += pr;
+                if acc >= p.top_p {
+                    keep = j + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            idx.truncate(keep);
+        }
+        // min-p: drop tokens below min_p * p(top token).
+        if p.min_p > 0.0 {
+            let thr = p.min_p * probs[0];
+            let keep = probs.iter().take_while(|&&x| x >= thr).count().max(1);
+            probs.truncate(keep);
+            idx.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut r = self.rng.next_f64() * total;
+        for (j, &pr) in probs.iter().enumerate() {
+            if r < pr {
+                return idx[j];
+            }
+            r -= pr;
+        }
+        idx[idx.len() - 1]
+    }
+
+    pub fn rng_state(&self) -> &Rng {
+        &self.rng
+    }
+}
+
+fn cmp_desc(a: f32, b: f32) -> std::cmp::Ordering {
+    b.partial_cmp(&a).unwrap_or(std::cmp::Ordering::Equal)
+}
+
+/// Index of the largest value (the first one on ties, as torch.argmax).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut bv = f32::NEG_INFINITY;
+    for (i, &x) in v.iter().enumerate() {
+        if x > bv {
+            bv = x;
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `log_softmax(v)[i]`, computed in f64.
+pub fn log_softmax_at(v: &[f32], i: usize) -> f32 {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+    (v.get(i).copied().unwrap_or(f32::NEG_INFINITY) as f64 - lse) as f32
+}
+
+/// The `n` largest entries as (id, log-prob), descending.
+pub fn top_logprobs(v: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+    let mut idx: Vec<u32> = (0..v.len() as u32).collect();
+    let n = n.min(idx.len());
+    if n == 0 {
+        return vec![];
+    }
+    idx.select_nth_unstable_by(n - 1, |&a, &b| cmp_desc(v[a as usize], v[b as usize]));
+    idx.truncate(n);
+    idx.sort_by(|&a, &b| cmp_desc(v[a as usize], v[b as usize]).then(a.cmp(&b)));
+    idx.into_iter().map(|i| (i, (v[i as usize] as f64 - lse) as f32)).collect()
+}
+
+/// Stop-string matching over streamed text. Text that could still become a stop string
+/// is held back, so a streamed response never shows part of a stop string.
+#[derive(Debug, Clone, Default)]
+pub struct StopStrings {
+    stops: Vec<String>,
+    text: String,
+    emitted: usize,
+}
+
+impl StopStrings {
+    pub fn new(stops: Vec<String>) -> Self {
+        Self { stops, text: String::new(), emitted: 0 }
+    }
+
+    /// Add decoded text; returns (text safe to emit now, whether a stop string was hit).
+    pub fn push(&mut self, piece: &str) -> (String, bool) {
+        let search_from = self.emitted;
+        self.text.push_str(piece);
+        // Earliest stop string occurrence at or after what is not yet emitted.
+        let mut hit: Option<usize> = None;
+        for s in &self.stops {
+            let from = search_from.saturating_sub(s.len());
+            let from = (0..=from).rev().find(|&i| self.text.is_char_boundary(i)).unwrap_or(0);
+            if let Some(pos) = self.text[from..].find(s.as_str()) {
+                let at = from + pos;
+                hit = Some(hit.map_or(at, |h: usize| h.min(at)));
+            }
+        }
+        if let Some(at) = hit {
+            let at = at.max(self.emitted);
+            let out = self.text[self.emitted..at].to_string();
+            self.emitted = at;
+            self.text.truncate(at);
+            return (out, true);
+        }
+        // Hold back the longest suffix that is a proper prefix of some stop string.
+        let mut hold = 0;
+        for s in &self.stops {
+            for (k, _) in s.char_indices().skip(1) {
+                if k > hold && self.text.len() >= k && self.text.is_char_boundary(self.text.len() - k) && self.text.ends_with(&s[..k]) {
+                    hold = k;
+                }
+            }
+        }
+        let safe_end = (self.text.len() - hold).max(self.emitted);
+        let out = self.text[self.emitted..safe_end].to_string();
+        self.emitted = safe_end;
+        (out, false)
+    }
+
+    /// Emit what was held back (end of generation without a stop string).
+    pub fn flush(&mut self) -> String {
+        let out = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        out
+    }
+
+    /// All text kept so far (without any stop string).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
