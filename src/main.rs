@@ -1,1 +1,259 @@
-fn main(){}
+//! `hromada`: the one command line of the stack. It parses arguments and calls into the
+//! crates; the work itself lives there.
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use hromada_models::chat::Message;
+use hromada_models::model::{DEFAULT_MODEL, resolve};
+use hromada_models::sampling::SamplingParams;
+use hromada_models::{DTypeChoice, LoadOptions, LoadedModel};
+
+#[derive(Parser)]
+#[command(name = "hromada", version, about = "A sovereign LLM stack: data, train, serve, eval")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt, streaming the new text to stdout.
+    Generate(GenerateArgs),
+    /// Write a GGUF model as a Hugging Face model directory (dequantized safetensors).
+    Convert(ConvertArgs),
+    /// Download a model directory from the Hugging Face Hub or a mirror (HF_ENDPOINT).
+    Pull(PullArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A GGUF file, a HF model directory, a short name (smollm2-135m, gemma3-270m) or a
+    /// Hub repo id already pulled.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Weights: auto (GGUF stays quantized), f32 (reference path), bf16, f16, quantized.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<LoadedModel> {
+        let dtype: DTypeChoice = self.dtype.parse()?;
+        let t = std::time::Instant::now();
+        let m = LoadedModel::load(&self.model, &LoadOptions { dtype, ..Default::default() })
+            .with_context(|| format!("loading model `{}`", self.model))?;
+        tracing::info!(model = %m.path.display(), secs = t.elapsed().as_secs_f64(), "model loaded");
+        Ok(m)
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// A system message (implies --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f64,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f64,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f64,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Do not stop at end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The GGUF file (or any model hromada loads).
+    input: String,
+    #[arg(long)]
+    out: PathBuf,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(Args)]
+struct PullArgs {
+    /// OWNER/NAME
+    repo_id: String,
+    #[arg(long)]
+    revision: Option<String>,
+    /// Also download *.gguf files.
+    #[arg(long)]
+    include_gguf: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Prompt (ppN) and decode (tgN) tok/s at batch 1, optionally beside llama-bench.
+    Generate(BenchGenerateArgs),
+}
+
+#[derive(Args)]
+struct BenchGenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 512)]
+    pp: usize,
+    #[arg(long, default_value_t = 128)]
+    tg: usize,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Path to llama.cpp's llama-bench: run it on the same GGUF in the same run.
+    #[arg(long)]
+    llama_bench: Option<PathBuf>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate(a) => generate(a),
+        Cmd::Convert(a) => convert(a),
+        Cmd::Pull(a) => {
+            let dir = hromada_models::hub::pull(&a.repo_id, a.revision.as_deref(), a.include_gguf, atty_stderr())?;
+            println!("{}", dir.display());
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::Generate(a)) => bench_generate(a),
+    }
+}
+
+fn atty_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let m = a.model.load()?;
+    let ids = if a.chat || a.system.is_some() {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message::new("system", s));
+        }
+        msgs.push(Message::new("user", &a.prompt));
+        m.encode_chat(&msgs, true)?
+    } else {
+        m.tokenizer.encode(&a.prompt, true)?
+    };
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        frequency_penalty: a.frequency_penalty,
+        presence_penalty: a.presence_penalty,
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        ..Default::default()
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let res = hromada_models::generate::generate(&m, &ids, &params, |piece| {
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    })?;
+    let _ = writeln!(out);
+    eprintln!(
+        "prompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s | finish: {:?}",
+        res.prompt_tokens,
+        res.prompt_tok_per_s(),
+        res.ids.len(),
+        res.decode_tok_per_s(),
+        res.finish_reason
+    );
+    Ok(())
+}
+
+fn convert(a: ConvertArgs) -> Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "f32" | "float32" => candle_core::DType::F32,
+        "bf16" | "bfloat16" => candle_core::DType::BF16,
+        other => bail!("--dtype must be f32 or bf16, got `{other}`"),
+    };
+    let m = LoadedModel::load(&a.input, &LoadOptions { dtype: DTypeChoice::F32, ..Default::default() })
+        .with_context(|| format!("loading `{}`", a.input))?;
+    hromada_models::convert::write_hf_dir(&m, &a.out, dtype)?;
+    println!("{}", a.out.display());
+    Ok(())
+}
+
+fn bench_generate(a: BenchGenerateArgs) -> Result<()> {
+    let m = a.model.load()?;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    eprintln!("hromada: {} ({}), dtype {}, {} threads", a.model.model, m.path.display(), a.model.dtype, threads);
+    let ours = hromada_models::bench::bench_generate(&m, a.pp, a.tg, a.reps)?;
+    let theirs = match &a.llama_bench {
+        Some(bin) => {
+            let gguf = resolve(&a.model.model)?;
+            Some(hromada_models::bench::run_llama_bench(bin, &gguf, a.pp, a.tg, a.reps, threads)?)
+        }
+        None => None,
+    };
+    println!("| test | hromada tok/s | llama.cpp tok/s | ratio |");
+    println!("| --- | --- | --- | --- |");
+    for s in &ours {
+        let other = theirs.as_ref().and_then(|t| t.iter().find(|x| x.test == s.test));
+        match other {
+            Some(o) => println!(
+                "| {} | {:.1} ± {:.1} | {:.1} ± {:.1} | {:.2}x |",
+                s.test, s.tok_per_s, s.stddev, o.tok_per_s, o.stddev, s.tok_per_s / o.tok_per_s
+            ),
+            None => println!("| {} | {:.1} ± {:.1} | - | - |", s.test, s.tok_per_s, s.stddev),
+        }
+    }
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({"model": a.model.model, "dtype": a.model.dtype, "threads": threads,
+            "hromada": ours, "llama_cpp": theirs});
+        std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! hromada's model core: architectures, weight loading (safetensors, GGUF, the Hub),
 //! tokenizers, chat templates, sampling and the KV-cache interface. `train`, `serve` and
 //! `eval` all stand on this crate.
+pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod config;
