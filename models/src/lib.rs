@@ -14,6 +14,7 @@ pub mod linear;
 pub mod llama;
 pub mod model;
 pub mod sampling;
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

@@ -20,28 +20,7 @@ fn tiny_dir(name: &str) -> std::path::PathBuf {
     let dir = common::tmpdir(name);
     let g = hromada_models::gguf::GgufFile::open(common::model_path("smollm2-135m")).unwrap();
     let tok = hromada_models::tokenizer::Tokenizer::from_gguf(&g).unwrap();
-    let vocab = tok.vocab_size();
-    std::fs::write(dir.join("tokenizer.json"), tok.json.to_string()).unwrap();
-    let cfg = serde_json::json!({"model_type": "llama", "vocab_size": vocab, "hidden_size": 16,
-        "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "rms_norm_eps": 1e-5, "max_position_embeddings": 64, "tie_word_embeddings": true, "torch_dtype": "float32"});
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let d = Device::Cpu;
-    let r = |s: &[usize]| Tensor::randn(0f32, 0.02, s, &d).unwrap();
-    let mut t = std::collections::HashMap::new();
-    t.insert("model.embed_tokens.weight".to_string(), r(&[vocab, 16]));
-    t.insert("model.norm.weight".to_string(), Tensor::ones(16, candle_core::DType::F32, &d).unwrap());
-    let p = "model.layers.0";
-    t.insert(format!("{p}.input_layernorm.weight"), Tensor::ones(16, candle_core::DType::F32, &d).unwrap());
-    t.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::ones(16, candle_core::DType::F32, &d).unwrap());
-    t.insert(format!("{p}.self_attn.q_proj.weight"), r(&[16, 16]));
-    t.insert(format!("{p}.self_attn.k_proj.weight"), r(&[8, 16]));
-    t.insert(format!("{p}.self_attn.v_proj.weight"), r(&[8, 16]));
-    t.insert(format!("{p}.self_attn.o_proj.weight"), r(&[16, 16]));
-    t.insert(format!("{p}.mlp.gate_proj.weight"), r(&[32, 16]));
-    t.insert(format!("{p}.mlp.up_proj.weight"), r(&[32, 16]));
-    t.insert(format!("{p}.mlp.down_proj.weight"), r(&[16, 32]));
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    hromada_models::testing::write_tiny_llama(&dir, &tok.json, tok.vocab_size(), 16, 1).unwrap();
     dir
 }
 

@@ -1,0 +1,52 @@
+//! Small real artefacts for tests of this and other crates: a tiny Llama-architecture
+//! Hugging Face directory with random weights and a real tokenizer.
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Write a 1-layer Llama directory (`hidden`-wide, random weights, seed-stable) to `dir`,
+/// with `tokenizer_json` (a tokenizer.json document) as its tokenizer.
+pub fn write_tiny_llama(dir: &Path, tokenizer_json: &serde_json::Value, vocab: usize, hidden: usize, layers: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let w = |name: &str, bytes: String| -> Result<()> {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))
+    };
+    w("tokenizer.json", tokenizer_json.to_string())?;
+    let inter = hidden * 2;
+    let cfg = serde_json::json!({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 256, "tie_word_embeddings": true,
+        "torch_dtype": "float32", "rope_theta": 10000.0});
+    w("config.json", cfg.to_string())?;
+    let d = Device::Cpu;
+    let mut rng = crate::sampling::Rng::new(7);
+    let mut r = |shape: &[usize]| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| ((rng.next_f64() - 0.5) * 0.2) as f32).collect();
+        Ok(Tensor::from_vec(v, shape, &d)?)
+    };
+    let ones = |n: usize| Tensor::ones(n, DType::F32, &d);
+    let hd = hidden / 2;
+    let mut t = HashMap::new();
+    t.insert("model.embed_tokens.weight".to_string(), r(&[vocab, hidden])?);
+    t.insert("model.norm.weight".to_string(), ones(hidden)?);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        t.insert(format!("{p}.input_layernorm.weight"), ones(hidden)?);
+        t.insert(format!("{p}.post_attention_layernorm.weight"), ones(hidden)?);
+        t.insert(format!("{p}.self_attn.q_proj.weight"), r(&[hidden, hidden])?);
+        t.insert(format!("{p}.self_attn.k_proj.weight"), r(&[hd, hidden])?);
+        t.insert(format!("{p}.self_attn.v_proj.weight"), r(&[hd, hidden])?);
+        t.insert(format!("{p}.self_attn.o_proj.weight"), r(&[hidden, hidden])?);
+        t.insert(format!("{p}.mlp.gate_proj.weight"), r(&[inter, hidden])?);
+        t.insert(format!("{p}.mlp.up_proj.weight"), r(&[inter, hidden])?);
+        t.insert(format!("{p}.mlp.down_proj.weight"), r(&[hidden, inter])?);
+    }
+    let p = dir.join("model.safetensors");
+    candle_core::safetensors::save(&t, &p).map_err(|e| Error::Safetensors { path: p.clone(), msg: e.to_string() })
+}
