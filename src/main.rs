@@ -138,6 +138,12 @@ struct BenchGenerateArgs {
 }
 
 fn main() {
+    // candle asks the OS for the core count on every op unless RAYON_NUM_THREADS is set
+    // (a cgroup file read per op); set it once, here, before any thread exists.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -23,7 +23,7 @@ pub struct AttnParams {
     pub softcap: Option<f64>,
 }
 
-pub trait KvCache {
+pub trait KvCache: Send {
     /// Absolute positions (for RoPE) of the `n_tokens` tokens of the coming forward pass,
     /// as a `u32` tensor of length `n_tokens` on `device`.
     fn positions(&mut self, n_tokens: usize, device: &Device) -> Result<Tensor>;

@@ -217,3 +217,62 @@ impl ChatTemplate {
 
 /// The template used when a model ships none: ChatML.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(src: &str) -> ChatTemplate {
+        ChatTemplate::new(src, "<s>", "</s>").unwrap()
+    }
+
+    #[test]
+    fn chatml_with_generation_prompt() {
+        let out = t(CHATML_TEMPLATE)
+            .apply(&[Message::new("system", "S"), Message::new("user", "Привіт")], true)
+            .unwrap();
+        assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nПривіт<|im_end|>\n<|im_start|>assistant\n");
+        let out = t(CHATML_TEMPLATE).apply(&[Message::new("user", "x")], false).unwrap();
+        assert!(!out.ends_with("assistant\n"));
+    }
+
+    #[test]
+    fn bos_eos_and_trim_blocks() {
+        let src = "{{ bos_token }}{% for m in messages %}\n  {% if m.role == 'user' %}\n[U]{{ m.content }}{{ eos_token }}\n  {% endif %}\n{% endfor %}";
+        let out = t(src).apply(&[Message::new("user", "a"), Message::new("assistant", "b")], false).unwrap();
+        assert_eq!(out, "<s>[U]a</s>\n");
+    }
+
+    #[test]
+    fn raise_exception_surfaces_its_message() {
+        let src = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}ok";
+        let e = t(src).apply(&[Message::new("assistant", "a")], false).unwrap_err();
+        assert!(e.to_string().contains("Conversation roles must alternate"), "{e}");
+        assert_eq!(t(src).apply(&[Message::new("user", "a")], false).unwrap(), "ok");
+    }
+
+    #[test]
+    fn tojson_is_pythons_json_dumps() {
+        let src = "{{ messages[0] | tojson }}|{{ {'a': [1, 2], 'b': 'ї<>'} | tojson(indent=2) }}";
+        let out = t(src).apply(&[Message::new("user", "Дія \"quoted\"\n")], false).unwrap();
+        assert_eq!(
+            out,
+            "{\"role\": \"user\", \"content\": \"Дія \\\"quoted\\\"\\n\"}|{\n  \"a\": [\n    1,\n    2\n  ],\n  \"b\": \"ї<>\"\n}"
+        );
+    }
+
+    #[test]
+    fn python_string_methods_and_loop_controls() {
+        let src = "{% for m in messages %}{% if loop.index0 > 1 %}{% break %}{% endif %}{{ m.content.strip().upper() }}{% if m.content.startswith(' h') %}!{% endif %}{% endfor %}";
+        let out = t(src)
+            .apply(&[Message::new("user", " hi "), Message::new("user", "yo"), Message::new("user", "zz")], false)
+            .unwrap();
+        assert_eq!(out, "HI!YO");
+    }
+
+    #[test]
+    fn broken_template_fails_at_load() {
+        let e = ChatTemplate::new("{% for %}", "", "").unwrap_err();
+        assert!(e.to_string().contains("chat template"), "{e}");
+    }
+}

@@ -11,6 +11,10 @@ pub enum Weight {
     Dense(Tensor),
     /// A GGUF quantized tensor, multiplied without dequantizing (activations must be f32).
     Quantized(Arc<QTensor>, QMatMul),
+    /// Q4_1 on the CPU through hromada's own SIMD kernel (candle's is scalar).
+    Q4_1(Arc<crate::kernels::q4_1::Q4_1Matrix>),
+    /// Q8_0 on the CPU through the same kernel family.
+    Q8_0(Arc<crate::kernels::q4_1::Q8_0Matrix>),
 }
 
 /// A LoRA adapter: `y += (x A^T) B^T * alpha / r` (PEFT's `lora_A`, `lora_B`).
@@ -60,6 +64,28 @@ impl Linear {
         })
     }
 
+    /// A Q4_1 GGUF tensor on the CPU: use the SIMD kernel; anything else: candle's QMatMul.
+    pub fn quantized_cpu_q4_1(q: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_dim, in_dim) = q.shape().dims2()?;
+        let data = q.data()?;
+        use candle_core::quantized::GgmlDType as G;
+        let w = match q.dtype() {
+            G::Q4_1 => crate::kernels::q4_1::Q4_1Matrix::from_ggml_bytes(&data, out_dim, in_dim).map(|m| Weight::Q4_1(Arc::new(m))),
+            G::Q8_0 => crate::kernels::q4_1::Q8_0Matrix::from_ggml_bytes(&data, out_dim, in_dim).map(|m| Weight::Q8_0(Arc::new(m))),
+            _ => None,
+        };
+        match w {
+            Some(weight) => Ok(Self {
+                weight,
+                bias,
+                lora: None,
+                in_dim,
+                out_dim,
+            }),
+            None => Self::quantized(q, bias),
+        }
+    }
+
     pub fn in_dim(&self) -> usize {
         self.in_dim
     }
@@ -76,7 +102,7 @@ impl Linear {
         self.lora.as_ref()
     }
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Weight::Quantized(..))
+        matches!(self.weight, Weight::Quantized(..) | Weight::Q4_1(..) | Weight::Q8_0(..))
     }
 
     /// Attach (or replace) a LoRA adapter.
@@ -107,6 +133,8 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => w.to_dtype(dtype),
             Weight::Quantized(q, _) => q.dequantize(&q.device())?.to_dtype(dtype),
+            Weight::Q4_1(m) => Tensor::from_vec(m.dequantize(), (m.n, m.k), &candle_core::Device::Cpu)?.to_dtype(dtype),
+            Weight::Q8_0(m) => Tensor::from_vec(m.dequantize(), (m.n, m.k), &candle_core::Device::Cpu)?.to_dtype(dtype),
         }
     }
 
@@ -138,6 +166,21 @@ impl Linear {
                 } else {
                     mm.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
                 }
+            }
+            Weight::Q4_1(_) | Weight::Q8_0(_) => {
+                let dims = x.dims().to_vec();
+                let rows = x.elem_count() / self.in_dim;
+                let xf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out_dims = dims.clone();
+                if let Some(l) = out_dims.last_mut() {
+                    *l = self.out_dim;
+                }
+                let y = match &self.weight {
+                    Weight::Q4_1(m) => m.matmul(&xf, rows),
+                    Weight::Q8_0(m) => m.matmul(&xf, rows),
+                    _ => unreachable!("matched above"),
+                };
+                Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())?
             }
         };
         match &self.bias {

@@ -104,14 +104,14 @@ pub enum Model {
 
 impl Model {
     pub fn forward(&self, ids: &Tensor, cache: &mut dyn KvCache) -> candle_core::Result<Tensor> {
-        match self {
+        crate::kernels::pool().install(|| match self {
             Model::Llama(m) => m.forward(ids, cache),
-        }
+        })
     }
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
+        crate::kernels::pool().install(|| match self {
             Model::Llama(m) => m.logits(hidden),
-        }
+        })
     }
     pub fn num_layers(&self) -> usize {
         match self {

@@ -384,3 +384,128 @@ impl StopStrings {
         &self.text
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> SamplingParams {
+        SamplingParams { temperature: 1.0, seed: Some(1), ..Default::default() }
+    }
+
+    fn counts(p: SamplingParams, logits: &[f32], n: usize) -> Vec<usize> {
+        let mut s = Sampler::new(p, &[]);
+        let mut c = vec![0; logits.len()];
+        for _ in 0..n {
+            // Fresh penalty state each draw: sample without observing.
+            let t = s.draw(logits) as usize;
+            c[t] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn greedy_picks_argmax_and_first_on_ties() {
+        let mut s = Sampler::new(SamplingParams::greedy(4), &[]);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).token, 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_other_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams { seed: Some(seed), ..params() }, &[]);
+            (0..64).map(|_| s.sample(&logits).token).collect::<Vec<_>>()
+        };
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5), run(6));
+    }
+
+    #[test]
+    fn top_k_top_p_min_p_restrict_the_support() {
+        let logits = [4.0f32, 3.0, 2.0, 1.0, 0.0];
+        let c = counts(SamplingParams { top_k: Some(2), ..params() }, &logits, 2000);
+        assert!(c[0] > 0 && c[1] > 0 && c[2..].iter().all(|&x| x == 0), "{c:?}");
+        // p = softmax: [0.636, 0.234, 0.086, 0.032, 0.012]; top_p 0.8 keeps two.
+        let c = counts(SamplingParams { top_p: 0.8, ..params() }, &logits, 2000);
+        assert!(c[0] > 0 && c[1] > 0 && c[2..].iter().all(|&x| x == 0), "{c:?}");
+        // min_p 0.1: threshold 0.0636 keeps three.
+        let c = counts(SamplingParams { min_p: 0.1, ..params() }, &logits, 4000);
+        assert!(c[2] > 0 && c[3] == 0 && c[4] == 0, "{c:?}");
+        // Frequencies follow the distribution (within a loose band).
+        let c = counts(params(), &logits, 20000);
+        let f0 = c[0] as f64 / 20000.0;
+        assert!((f0 - 0.636).abs() < 0.02, "{f0}");
+    }
+
+    #[test]
+    fn low_temperature_sharpens() {
+        let logits = [1.0f32, 0.5, 0.0];
+        let hot = counts(SamplingParams { temperature: 2.0, ..params() }, &logits, 5000);
+        let cold = counts(SamplingParams { temperature: 0.2, ..params() }, &logits, 5000);
+        assert!(cold[0] > hot[0]);
+    }
+
+    #[test]
+    fn penalties() {
+        let p = SamplingParams { repetition_penalty: 2.0, ..params() };
+        let s = Sampler::new(p, &[0, 1]);
+        let mut l = vec![2.0f32, -2.0, 2.0];
+        s.apply_penalties(&mut l);
+        assert_eq!(l, vec![1.0, -4.0, 2.0]);
+        let p = SamplingParams { frequency_penalty: 0.5, presence_penalty: 0.25, ..params() };
+        let mut s = Sampler::new(p, &[2]);
+        s.observe(0);
+        s.observe(0);
+        s.observe(1);
+        let mut l = vec![1.0f32, 1.0, 1.0];
+        s.apply_penalties(&mut l);
+        assert_eq!(l, vec![1.0 - 1.0 - 0.25, 1.0 - 0.5 - 0.25, 1.0]);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        for (p, field) in [
+            (SamplingParams { temperature: -1.0, ..params() }, "temperature"),
+            (SamplingParams { top_p: 0.0, ..params() }, "top_p"),
+            (SamplingParams { min_p: 2.0, ..params() }, "min_p"),
+            (SamplingParams { top_k: Some(0), ..params() }, "top_k"),
+            (SamplingParams { frequency_penalty: 3.0, ..params() }, "frequency_penalty"),
+            (SamplingParams { repetition_penalty: 0.0, ..params() }, "repetition_penalty"),
+            (SamplingParams { stop: vec![String::new()], ..params() }, "stop"),
+        ] {
+            let e = p.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        params().validate().unwrap();
+    }
+
+    #[test]
+    fn stop_strings_hold_back_and_cut() {
+        let mut s = StopStrings::new(vec!["</end>".into()]);
+        assert_eq!(s.push("Hello </"), ("Hello ".to_string(), false));
+        assert_eq!(s.push("en"), (String::new(), false));
+        assert_eq!(s.push("d> more"), (String::new(), true));
+        assert_eq!(s.text(), "Hello ");
+        // A false alarm is released.
+        let mut s = StopStrings::new(vec!["STOP".into()]);
+        assert_eq!(s.push("ST"), (String::new(), false));
+        assert_eq!(s.push("ay"), ("STay".to_string(), false));
+        assert_eq!(s.push(" ST"), (" ".to_string(), false));
+        assert_eq!(s.flush(), "ST");
+        // Multibyte text and the earliest of several stops.
+        let mut s = StopStrings::new(vec!["кінець".into(), "\n\n".into()]);
+        let (out, hit) = s.push("Привіт\n\nі кінець");
+        assert!(hit);
+        assert_eq!(out, "Привіт");
+    }
+
+    #[test]
+    fn top_logprobs_are_sorted_and_normalised() {
+        let v = [0.0f32, 2.0, 1.0];
+        let t = top_logprobs(&v, 2);
+        assert_eq!(t.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+        let total: f64 = v.iter().enumerate().map(|(i, _)| (log_softmax_at(&v, i) as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+}
