@@ -10,6 +10,20 @@ use crate::error::{Error, Result};
 /// Write a 1-layer Llama directory (`hidden`-wide, random weights, seed-stable) to `dir`,
 /// with `tokenizer_json` (a tokenizer.json document) as its tokenizer.
 pub fn write_tiny_llama(dir: &Path, tokenizer_json: &serde_json::Value, vocab: usize, hidden: usize, layers: usize) -> Result<()> {
+    write_tiny(dir, tokenizer_json, vocab, hidden, layers, "llama", serde_json::json!({}))
+}
+
+/// As [`write_tiny_llama`] for any Llama-family `model_type` (`qwen2` gets Q/K/V biases);
+/// `extra` is merged into config.json (e.g. `{"sliding_window": 4}`).
+pub fn write_tiny(
+    dir: &Path,
+    tokenizer_json: &serde_json::Value,
+    vocab: usize,
+    hidden: usize,
+    layers: usize,
+    model_type: &str,
+    extra: serde_json::Value,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let w = |name: &str, bytes: String| -> Result<()> {
         let p = dir.join(name);
@@ -17,11 +31,16 @@ pub fn write_tiny_llama(dir: &Path, tokenizer_json: &serde_json::Value, vocab: u
     };
     w("tokenizer.json", tokenizer_json.to_string())?;
     let inter = hidden * 2;
-    let cfg = serde_json::json!({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+    let mut cfg = serde_json::json!({"model_type": model_type,
         "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
         "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
         "rms_norm_eps": 1e-5, "max_position_embeddings": 256, "tie_word_embeddings": true,
         "torch_dtype": "float32", "rope_theta": 10000.0});
+    if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            c.insert(k.clone(), v.clone());
+        }
+    }
     w("config.json", cfg.to_string())?;
     let d = Device::Cpu;
     let mut rng = crate::sampling::Rng::new(7);
@@ -43,6 +62,11 @@ pub fn write_tiny_llama(dir: &Path, tokenizer_json: &serde_json::Value, vocab: u
         t.insert(format!("{p}.self_attn.k_proj.weight"), r(&[hd, hidden])?);
         t.insert(format!("{p}.self_attn.v_proj.weight"), r(&[hd, hidden])?);
         t.insert(format!("{p}.self_attn.o_proj.weight"), r(&[hidden, hidden])?);
+        if model_type == "qwen2" {
+            t.insert(format!("{p}.self_attn.q_proj.bias"), r(&[hidden])?);
+            t.insert(format!("{p}.self_attn.k_proj.bias"), r(&[hd])?);
+            t.insert(format!("{p}.self_attn.v_proj.bias"), r(&[hd])?);
+        }
         t.insert(format!("{p}.mlp.gate_proj.weight"), r(&[inter, hidden])?);
         t.insert(format!("{p}.mlp.up_proj.weight"), r(&[inter, hidden])?);
         t.insert(format!("{p}.mlp.down_proj.weight"), r(&[hidden, inter])?);
