@@ -377,3 +377,52 @@ impl GenerationConfig {
             .map_err(|e| Error::config(path, format!("invalid generation_config.json: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(extra: Value) -> LlamaConfig {
+        let mut v = json!({"model_type": "llama", "vocab_size": 10, "hidden_size": 128, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 500000.0});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        LlamaConfig::from_hf_json(&v, Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_and_divides_low_frequencies() {
+        let plain = base(json!({})).inv_freq();
+        let scaled = base(json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}))
+        .inv_freq();
+        assert_eq!(plain.len(), 32);
+        // Wavelength 2π/f: short ones (< 8192/4) unchanged, long ones (> 8192) divided by 8.
+        for (p, s) in plain.iter().zip(&scaled) {
+            let wl = 2.0 * std::f64::consts::PI / p;
+            if wl < 2048.0 {
+                assert_eq!(p, s);
+            } else if wl > 8192.0 {
+                assert!((p / 8.0 - s).abs() < 1e-15);
+            } else {
+                assert!(*s < *p && *s > p / 8.0);
+            }
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_problem() {
+        let v = json!({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 3, "num_key_value_heads": 2});
+        let e = LlamaConfig::from_hf_json(&v, Path::new("x/config.json")).unwrap_err().to_string();
+        assert!(e.contains("x/config.json") && e.contains("num_key_value_heads"), "{e}");
+        let v = json!({"model_type": "llama", "hidden_size": 8});
+        let e = LlamaConfig::from_hf_json(&v, Path::new("config.json")).unwrap_err().to_string();
+        assert!(e.contains("num_attention_heads") || e.contains("vocab_size"), "{e}");
+        let v = json!({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}});
+        let e = LlamaConfig::from_hf_json(&v, Path::new("config.json")).unwrap_err().to_string();
+        assert!(e.contains("yarn"), "{e}");
+    }
+}

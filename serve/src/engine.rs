@@ -1,0 +1,190 @@
+//! The engine: one loop owns the model. Each `step` asks the scheduler what to run,
+//! packs every scheduled sequence's tokens into one forward pass over the paged cache,
+//! samples the sequences whose chunk reached their end, and reports the new tokens.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use hromada_models::generate::FinishReason;
+use hromada_models::sampling::{Sampler, SamplingParams};
+use hromada_models::LoadedModel;
+
+use crate::block_manager::BlockManager;
+use crate::paged::{BatchSeq, PagedBatch, PagedKv};
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqId, Sequence};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub block_size: usize,
+    /// Bytes of K/V cache (f32, all layers).
+    pub kv_cache_bytes: usize,
+    pub scheduler: SchedulerConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { block_size: 16, kv_cache_bytes: 512 << 20, scheduler: SchedulerConfig::default() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the prompt has {prompt} tokens; with max_tokens {max_tokens} it exceeds the context length {context}")]
+    TooLong { prompt: usize, max_tokens: usize, context: usize },
+    #[error("the prompt needs {need} KV blocks but the cache has {have}")]
+    TooLargeForCache { need: usize, have: usize },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("duplicate request id {0}")]
+    Duplicate(SeqId),
+    #[error(transparent)]
+    Sampling(#[from] hromada_models::Error),
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+/// A generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenOut {
+    pub id: SeqId,
+    pub token: u32,
+    pub logprob: f32,
+    /// Raw logits' top entries (id, logprob) when the request asked for them.
+    pub top: Vec<(u32, f32)>,
+    pub finished: Option<FinishReason>,
+}
+
+struct SeqState {
+    sampler: Sampler,
+    generated: usize,
+    max_new: usize,
+    eos: Vec<u32>,
+    top_logprobs: usize,
+}
+
+pub struct Engine {
+    pub model: Arc<LoadedModel>,
+    pub blocks: BlockManager,
+    pub sched: Scheduler,
+    kv: PagedKv,
+    states: HashMap<SeqId, SeqState>,
+}
+
+impl Engine {
+    pub fn new(model: Arc<LoadedModel>, cfg: EngineConfig) -> Self {
+        let layers = model.model.num_layers();
+        let (n_kv, d) = model.model.kv_shape();
+        let num_blocks = PagedKv::blocks_for_budget(cfg.kv_cache_bytes, layers, cfg.block_size, n_kv, d).max(1);
+        tracing::info!(num_blocks, block_size = cfg.block_size, "paged KV cache");
+        Self {
+            kv: PagedKv::new(layers, num_blocks, cfg.block_size, n_kv, d),
+            blocks: BlockManager::new(num_blocks, cfg.block_size),
+            sched: Scheduler::new(cfg.scheduler),
+            states: HashMap::new(),
+            model,
+        }
+    }
+
+    /// Queue a request. `top_logprobs`: how many top entries to report per token.
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, params: SamplingParams, top_logprobs: usize) -> Result<(), EngineError> {
+        params.validate()?;
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if self.states.contains_key(&id) {
+            return Err(EngineError::Duplicate(id));
+        }
+        let context = self.model.context_length;
+        if prompt.len() >= context {
+            return Err(EngineError::TooLong { prompt: prompt.len(), max_tokens: params.max_tokens, context });
+        }
+        let need = (prompt.len() + 1).div_ceil(self.blocks.block_size());
+        if need > self.blocks.num_blocks() {
+            return Err(EngineError::TooLargeForCache { need, have: self.blocks.num_blocks() });
+        }
+        let max_new = params.max_tokens.min(context - prompt.len());
+        let mut eos = if params.ignore_eos { vec![] } else { self.model.eos_ids() };
+        eos.extend(params.stop_token_ids.iter().copied());
+        self.states.insert(id, SeqState { sampler: Sampler::new(params, &prompt), generated: 0, max_new, eos, top_logprobs });
+        self.sched.add(Sequence::new(id, prompt));
+        Ok(())
+    }
+
+    /// Drop a request (client gone): its blocks return to the pool at once.
+    pub fn cancel(&mut self, id: SeqId) {
+        self.sched.remove(id, &mut self.blocks);
+        self.states.remove(&id);
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.sched.is_idle()
+    }
+
+    /// Run one step; returns the tokens produced by it.
+    pub fn step(&mut self) -> Result<Vec<TokenOut>, EngineError> {
+        let plan = self.sched.schedule(&mut self.blocks);
+        if plan.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut ids = Vec::new();
+        let mut seqs = Vec::with_capacity(plan.len());
+        let mut sample_rows = Vec::new();
+        for x in &plan {
+            let s = &self.sched.seqs[&x.id];
+            ids.extend_from_slice(&s.tokens[x.start..x.start + x.len]);
+            seqs.push(BatchSeq { start: x.start, len: x.len, table: s.table.clone() });
+            if x.samples {
+                sample_rows.push((ids.len() - 1) as u32);
+            }
+        }
+        let device = self.model.model.device().clone();
+        let input = Tensor::new(ids.as_slice(), &device)?;
+        let mut batch = PagedBatch { kv: &mut self.kv, seqs };
+        let hidden = self.model.model.forward(&input, &mut batch)?;
+        let logits: Vec<Vec<f32>> = if sample_rows.is_empty() {
+            vec![]
+        } else {
+            let rows = hidden.index_select(&Tensor::new(sample_rows.as_slice(), &device)?, 0)?;
+            self.model.model.logits(&rows)?.to_vec2()?
+        };
+        let mut out = Vec::new();
+        let mut li = 0;
+        for x in &plan {
+            self.sched.computed(x, &mut self.blocks);
+            if !x.samples {
+                continue;
+            }
+            let row = &logits[li];
+            li += 1;
+            let Some(st) = self.states.get_mut(&x.id) else { continue };
+            let s = st.sampler.sample(row);
+            st.generated += 1;
+            let top = if st.top_logprobs > 0 { hromada_models::sampling::top_logprobs(row, st.top_logprobs) } else { vec![] };
+            let finished = if st.eos.contains(&s.token) {
+                Some(FinishReason::Stop)
+            } else if st.generated >= st.max_new {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            out.push(TokenOut { id: x.id, token: s.token, logprob: s.logprob, top, finished });
+            if finished.is_some() {
+                self.cancel(x.id);
+            } else {
+                self.sched.append(x.id, s.token);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Run until every queued request is finished; tokens per request (tests, offline use).
+    pub fn run_to_completion(&mut self) -> Result<HashMap<SeqId, Vec<u32>>, EngineError> {
+        let mut res: HashMap<SeqId, Vec<u32>> = HashMap::new();
+        while self.has_work() {
+            for t in self.step()? {
+                res.entry(t.id).or_default().push(t.token);
+            }
+        }
+        Ok(res)
+    }
+}

@@ -1,0 +1,12 @@
+//! hromada's inference server core. As in vLLM, three parts with one job each:
+//! - [`block_manager`]: the paged KV cache's bookkeeping (block tables, reference counts,
+//!   prefix caching by chained block hashes); it never sees a tensor;
+//! - [`scheduler`]: waiting and running queues, token budget, chunked prefill,
+//!   preemption by recompute; it never sees a tensor either;
+//! - [`paged`]: the K/V storage and the batched, variable-length attention over block
+//!   tables, behind `hromada_models::cache::KvCache`, so one model call advances every
+//!   scheduled sequence.
+pub mod block_manager;
+pub mod engine;
+pub mod paged;
+pub mod scheduler;

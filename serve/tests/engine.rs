@@ -1,0 +1,124 @@
+//! The engine on the real SmolLM2 model (f32 weights): every running sequence advances in
+//! one batched forward per step, and the result does not depend on the batch.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hromada_models::sampling::SamplingParams;
+use hromada_models::{DTypeChoice, LoadOptions, LoadedModel};
+use hromada_serve::engine::{Engine, EngineConfig};
+use hromada_serve::scheduler::SchedulerConfig;
+
+fn golden() -> serde_json::Value {
+    let shared = std::env::var("HROMADA_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let p = shared.join("golden/smollm2-135m-instruct-reference.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+fn model() -> Arc<LoadedModel> {
+    let p = hromada_models::model::resolve("smollm2-135m").expect("run scripts/setup.sh");
+    Arc::new(LoadedModel::load(p.to_str().unwrap(), &LoadOptions { dtype: DTypeChoice::F32, ..Default::default() }).unwrap())
+}
+
+fn greedy(n: usize) -> SamplingParams {
+    SamplingParams { ignore_eos: true, ..SamplingParams::greedy(n) }
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn batched_greedy_equals_one_at_a_time_and_the_reference() {
+    let g = golden();
+    let m = model();
+    let prompts: Vec<(Vec<u32>, Vec<u32>)> =
+        g["prompts"].as_array().unwrap().iter().map(|p| (ids(&p["input_ids"]), ids(&p["greedy"]["ids"]))).collect();
+    let n_new = 12;
+    // All at once, small token budget so prefills are chunked and mixed with decodes.
+    let cfg = EngineConfig {
+        block_size: 16,
+        kv_cache_bytes: 64 << 20,
+        scheduler: SchedulerConfig { max_num_seqs: 16, max_num_batched_tokens: 48 },
+    };
+    let mut e = Engine::new(m.clone(), cfg.clone());
+    for (i, (p, _)) in prompts.iter().enumerate() {
+        e.add(i as u64, p.clone(), greedy(n_new), 0).unwrap();
+    }
+    let mut max_batch = 0;
+    let mut batched: std::collections::HashMap<u64, Vec<u32>> = Default::default();
+    while e.has_work() {
+        let outs = e.step().unwrap();
+        max_batch = max_batch.max(outs.len());
+        for t in outs {
+            batched.entry(t.id).or_default().push(t.token);
+        }
+    }
+    assert!(max_batch >= 6, "sequences decode together (max {max_batch} per step)");
+    assert_eq!(e.blocks.num_used(), 0, "every block returned");
+    for (i, (p, want)) in prompts.iter().enumerate() {
+        let mut solo = Engine::new(m.clone(), cfg.clone());
+        solo.add(0, p.clone(), greedy(n_new), 0).unwrap();
+        let alone = solo.run_to_completion().unwrap().remove(&0).unwrap();
+        assert_eq!(batched[&(i as u64)], alone, "prompt {i}: batched != alone");
+        assert_eq!(&alone[..], &want[..n_new], "prompt {i}: differs from the reference greedy continuation");
+    }
+}
+
+#[test]
+fn prefix_cache_hits_and_preemption_change_nothing() {
+    let m = model();
+    let system = m.tokenizer.encode(&"Ти — помічник державних послуг. Відповідай коротко й точно. ".repeat(4), false).unwrap();
+    let mk = |q: &str| -> Vec<u32> { system.iter().copied().chain(m.tokenizer.encode(q, false).unwrap()).collect() };
+    let (a, b) = (mk("Як отримати паспорт?"), mk("Що таке Дія?"));
+    let big = EngineConfig::default();
+    let mut e = Engine::new(m.clone(), big.clone());
+    e.add(1, a.clone(), greedy(6), 0).unwrap();
+    let _ = e.run_to_completion().unwrap().remove(&1).unwrap();
+    e.add(2, b.clone(), greedy(6), 0).unwrap();
+    let rb = e.run_to_completion().unwrap().remove(&2).unwrap();
+    assert!(e.blocks.prefix_hits_tokens >= 16 * (system.len() / 16 - 1) as u64, "hits: {}", e.blocks.prefix_hits_tokens);
+    let mut fresh = Engine::new(m.clone(), big);
+    fresh.add(2, b.clone(), greedy(6), 0).unwrap();
+    assert_eq!(fresh.run_to_completion().unwrap().remove(&2).unwrap(), rb, "a cached prefix gives the same tokens");
+    // A cache that admits both prompts but cannot hold both generations: the newer
+    // sequence is preempted and recomputed later, and nothing changes in the output.
+    let p1 = m.tokenizer.encode("Верховна Рада України є єдиним органом законодавчої влади в Україні, і вона", false).unwrap();
+    let p2 = m.tokenizer.encode("The Constitution of Ukraine is the fundamental law of the state, and it", false).unwrap();
+    let n_gen = 40;
+    let solo = |p: &Vec<u32>| {
+        let mut e = Engine::new(m.clone(), EngineConfig::default());
+        e.add(0, p.clone(), greedy(n_gen), 0).unwrap();
+        e.run_to_completion().unwrap().remove(&0).unwrap()
+    };
+    let layers = m.model.num_layers();
+    let (n_kv, d) = m.model.kv_shape();
+    let per_block = 2 * layers * 16 * n_kv * d * 4;
+    let one = (p1.len().max(p2.len()) + n_gen).div_ceil(16);
+    let tight = EngineConfig { kv_cache_bytes: per_block * (one + 2), ..Default::default() };
+    let mut t = Engine::new(m.clone(), tight);
+    t.add(1, p1.clone(), greedy(n_gen), 0).unwrap();
+    t.add(2, p2.clone(), greedy(n_gen), 0).unwrap();
+    let r = t.run_to_completion().unwrap();
+    assert!(t.sched.preemptions > 0, "the small cache forced a preemption");
+    assert_eq!(r[&1], solo(&p1));
+    assert_eq!(r[&2], solo(&p2));
+    assert_eq!(t.blocks.num_used(), 0);
+}
+
+#[test]
+fn bad_requests_are_errors_not_panics() {
+    let m = model();
+    let mut e = Engine::new(m.clone(), EngineConfig::default());
+    assert!(e.add(1, vec![], greedy(4), 0).unwrap_err().to_string().contains("empty"));
+    let long = vec![1u32; m.context_length + 5];
+    assert!(e.add(2, long, greedy(4), 0).unwrap_err().to_string().contains("context length"));
+    let bad = SamplingParams { temperature: -1.0, ..greedy(4) };
+    assert!(e.add(3, vec![1, 2], bad, 0).unwrap_err().to_string().contains("temperature"));
+    e.add(4, vec![1, 2], greedy(2), 0).unwrap();
+    assert!(e.add(4, vec![1, 2], greedy(2), 0).unwrap_err().to_string().contains("duplicate"));
+    e.cancel(4);
+    assert!(!e.has_work());
+    assert_eq!(e.blocks.num_used(), 0);
+}
