@@ -25,9 +25,50 @@ enum Cmd {
     Convert(ConvertArgs),
     /// Download a model directory from the Hugging Face Hub or a mirror (HF_ENDPOINT).
     Pull(PullArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// File with one sha256 hex digest of an accepted API key per line. Required when
+    /// --host is not a loopback address.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// The model id clients use (default: the short name or file stem).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
+    #[arg(long, default_value_t = 512)]
+    max_num_batched_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// KV-cache memory budget in MiB.
+    #[arg(long, default_value_t = 512)]
+    kv_cache_mib: usize,
+    /// Requests in flight before new ones get 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// Concurrent requests per API key (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    per_key_concurrency: usize,
+    #[arg(long, default_value_t = 600)]
+    request_timeout_s: u64,
+    /// max_tokens of a chat request that sets none.
+    #[arg(long, default_value_t = 256)]
+    default_max_tokens: usize,
 }
 
 #[derive(Args, Clone)]
@@ -166,6 +207,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", dir.display());
             Ok(())
         }
+        Cmd::Serve(a) => serve(a),
         Cmd::Bench(BenchCmd::Generate(a)) => bench_generate(a),
     }
 }
@@ -217,6 +259,35 @@ fn generate(a: GenerateArgs) -> Result<()> {
         res.finish_reason
     );
     Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let api_keys = match &a.api_key_file {
+        Some(p) => Some(hromada_serve::server::read_key_file(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let m = a.model.load()?;
+    let cfg = hromada_serve::server::ServeConfig {
+        host: a.host,
+        port: a.port,
+        api_keys,
+        max_queue: a.max_queue,
+        max_body_bytes: a.max_body_bytes,
+        per_key_concurrency: a.per_key_concurrency,
+        request_timeout: std::time::Duration::from_secs(a.request_timeout_s),
+        engine: hromada_serve::engine::EngineConfig {
+            block_size: a.block_size,
+            kv_cache_bytes: a.kv_cache_mib << 20,
+            scheduler: hromada_serve::scheduler::SchedulerConfig {
+                max_num_seqs: a.max_num_seqs,
+                max_num_batched_tokens: a.max_num_batched_tokens,
+            },
+        },
+        default_max_tokens: a.default_max_tokens,
+        served_model_name: a.served_model_name,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(hromada_serve::server::serve(m, cfg)).map_err(anyhow::Error::msg)
 }
 
 fn convert(a: ConvertArgs) -> Result<()> {

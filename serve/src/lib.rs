@@ -1,4 +1,4 @@
-//! hromada's inference server core. As in vLLM, three parts with one job each:
+//! hromada's inference server: an OpenAI-compatible HTTP API ([`server`]) over an engine. As in vLLM, three parts with one job each:
 //! - [`block_manager`]: the paged KV cache's bookkeeping (block tables, reference counts,
 //!   prefix caching by chained block hashes); it never sees a tensor;
 //! - [`scheduler`]: waiting and running queues, token budget, chunked prefill,
@@ -6,7 +6,11 @@
 //! - [`paged`]: the K/V storage and the batched, variable-length attention over block
 //!   tables, behind `hromada_models::cache::KvCache`, so one model call advances every
 //!   scheduled sequence.
+pub mod api;
 pub mod block_manager;
 pub mod engine;
 pub mod paged;
+pub mod metrics;
+pub mod openapi;
 pub mod scheduler;
+pub mod server;
