@@ -1,0 +1,88 @@
+"""`hromada serve` with the official `openai` Python client: chat, streaming chat,
+completions, and the error for a bad key."""
+import hashlib
+import os
+import subprocess
+import socket
+from pathlib import Path
+
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HROMADA = os.environ.get("HROMADA_BIN", str(ROOT / "target" / "debug" / "hromada"))
+KEY = "test-key-for-openai-client"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(hashlib.sha256(KEY.encode()).hexdigest() + "\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([HROMADA, "serve", "--port", str(port), "--api-key-file", str(keys)],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "listening" in line, line
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+
+
+def client(base, key=KEY):
+    return openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+
+
+def test_models_and_chat(server):
+    c = client(server)
+    models = c.models.list()
+    assert [m.id for m in models.data] == ["smollm2-135m"]
+    r = c.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Як отримати довідку про доходи?"}],
+                                  max_tokens=12, temperature=0, seed=1)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_chat_matches_non_streaming(server):
+    c = client(server)
+    msgs = [{"role": "system", "content": "Відповідай українською."}, {"role": "user", "content": "Що таке Дія?"}]
+    full = c.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=16, temperature=0)
+    stream = c.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=16, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            text += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    assert text == full.choices[0].message.content
+    assert finish == full.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completions_logprobs_seed_and_n(server):
+    c = client(server)
+    r = c.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
+    assert r.choices[0].text.startswith(" Paris")
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 4 and all(x <= 0 for x in lp.token_logprobs)
+    a = c.completions.create(model="smollm2-135m", prompt="Київ —", max_tokens=8, temperature=0.9, seed=7, n=2)
+    b = c.completions.create(model="smollm2-135m", prompt="Київ —", max_tokens=8, temperature=0.9, seed=7, n=2)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices]
+    assert len(a.choices) == 2
+
+
+def test_bad_key_and_bad_request(server):
+    with pytest.raises(openai.AuthenticationError):
+        client(server, "wrong-key").chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "x"}], max_tokens=-1)
+    assert "max_tokens" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client(server).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
