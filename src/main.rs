@@ -158,6 +158,44 @@ struct PullArgs {
 enum BenchCmd {
     /// Prompt (ppN) and decode (tgN) tok/s at batch 1, optionally beside llama-bench.
     Generate(BenchGenerateArgs),
+    /// Load-test any OpenAI-compatible server (vLLM's metrics: TTFT, TPOT, ITL, E2EL).
+    Serve(BenchServeArgs),
+}
+
+#[derive(Args)]
+struct BenchServeArgs {
+    /// Base URL, e.g. http://127.0.0.1:8000
+    #[arg(long)]
+    endpoint: String,
+    /// Model id to request (default: the first of GET /v1/models).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, env = "OPENAI_API_KEY")]
+    api_key: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    num_prompts: usize,
+    #[arg(long, default_value_t = 16)]
+    max_concurrency: usize,
+    /// Poisson request rate (req/s); default: all at once.
+    #[arg(long)]
+    request_rate: Option<f64>,
+    /// random (token-id prompts of --input-len) or a JSONL file with a `prompt` per line.
+    #[arg(long, default_value = "random")]
+    dataset: String,
+    #[arg(long, default_value_t = 128)]
+    input_len: usize,
+    #[arg(long, default_value_t = 64)]
+    output_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Goodput SLOs in ms, e.g. --goodput-ttft-ms 500 --goodput-tpot-ms 100.
+    #[arg(long)]
+    goodput_ttft_ms: Option<f64>,
+    #[arg(long)]
+    goodput_tpot_ms: Option<f64>,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -209,6 +247,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve(a) => serve(a),
         Cmd::Bench(BenchCmd::Generate(a)) => bench_generate(a),
+        Cmd::Bench(BenchCmd::Serve(a)) => bench_serve(a),
     }
 }
 
@@ -300,6 +339,37 @@ fn convert(a: ConvertArgs) -> Result<()> {
         .with_context(|| format!("loading `{}`", a.input))?;
     hromada_models::convert::write_hf_dir(&m, &a.out, dtype)?;
     println!("{}", a.out.display());
+    Ok(())
+}
+
+fn bench_serve(a: BenchServeArgs) -> Result<()> {
+    let cfg = hromada_serve::bench::BenchConfig {
+        endpoint: a.endpoint,
+        model: a.model,
+        api_key: a.api_key,
+        num_prompts: a.num_prompts,
+        max_concurrency: a.max_concurrency,
+        request_rate: a.request_rate,
+        input_len: a.input_len,
+        output_len: a.output_len,
+        dataset_path: (a.dataset != "random").then(|| PathBuf::from(&a.dataset)),
+        seed: a.seed,
+        goodput_ttft_ms: a.goodput_ttft_ms,
+        goodput_tpot_ms: a.goodput_tpot_ms,
+    };
+    let r = hromada_serve::bench::run(&cfg).map_err(anyhow::Error::msg)?;
+    let v = serde_json::to_value(&r)?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    eprintln!(
+        "completed {}/{} | output {:.1} tok/s | total {:.1} tok/s | TTFT median {:.0} ms | TPOT median {:.1} ms",
+        r.completed, r.num_prompts, r.output_throughput, r.total_token_throughput, r.ttft.median_ms, r.tpot.median_ms
+    );
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if r.completed == 0 {
+        bail!("no request completed: {:?}", r.errors);
+    }
     Ok(())
 }
 

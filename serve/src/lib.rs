@@ -7,6 +7,7 @@
 //!   tables, behind `hromada_models::cache::KvCache`, so one model call advances every
 //!   scheduled sequence.
 pub mod api;
+pub mod bench;
 pub mod block_manager;
 pub mod engine;
 pub mod paged;

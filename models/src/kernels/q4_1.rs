@@ -56,17 +56,28 @@ impl Q8_0Matrix {
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let kb = self.k / QK;
         let k = self.k;
-        tiled(x, rows, self.n, k, |a, j, r| {
-            let wd = &self.d[j * kb..(j + 1) * kb];
-            let wq = &self.qs[j * k..(j + 1) * k];
-            dot_row_q8(wd, wq, &a.d[r * kb..(r + 1) * kb], &a.q[r * k..(r + 1) * k])
+        tiled(x, rows, self.n, k, |a, j, r0, out| {
+            let (wd, wq) = (&self.d[j * kb..(j + 1) * kb], &self.qs[j * k..(j + 1) * k]);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if out.len() == 4 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: features detected; rows r0..r0+4 exist in `a`.
+                    unsafe { dot4_q8_0_avx2(wd, wq, a, r0, kb, out) };
+                    return;
+                }
+            }
+            for (i, o) in out.iter_mut().enumerate() {
+                let r = r0 + i;
+                *o = dot_row_q8(wd, wq, &a.d[r * kb..(r + 1) * kb], &a.q[r * k..(r + 1) * k]);
+            }
         })
     }
 }
 
-/// Shared driver: quantize `x` once, split output columns across threads, each task
-/// computing a `[rows, chunk]` tile so every weight row is read once per call.
-fn tiled(x: &[f32], rows: usize, n: usize, k: usize, dot: impl Fn(&Q8Rows, usize, usize) -> f32 + Sync) -> Vec<f32> {
+/// Shared driver: quantize `x` once, split output columns across threads; each task
+/// computes a `[rows, chunk]` tile, four activation rows at a time, so each weight block
+/// is loaded and unpacked once per four rows (this is what makes batching pay).
+fn tiled(x: &[f32], rows: usize, n: usize, k: usize, dot: impl Fn(&Q8Rows, usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
     let a = quantize_rows(x, rows, k);
     let mut out = vec![0f32; rows * n];
     let threads = rayon::current_num_threads().max(1);
@@ -78,9 +89,16 @@ fn tiled(x: &[f32], rows: usize, n: usize, k: usize, dot: impl Fn(&Q8Rows, usize
             let j1 = (j0 + chunk).min(n);
             let w = j1 - j0;
             let mut tile = vec![0f32; rows * w];
+            let mut acc = [0f32; 4];
             for j in j0..j1 {
-                for r in 0..rows {
-                    tile[r * w + (j - j0)] = dot(&a, j, r);
+                let mut r0 = 0;
+                while r0 < rows {
+                    let g = (rows - r0).min(4);
+                    dot(&a, j, r0, &mut acc[..g]);
+                    for i in 0..g {
+                        tile[(r0 + i) * w + (j - j0)] = acc[i];
+                    }
+                    r0 += g;
                 }
             }
             (j0, tile)
@@ -93,6 +111,58 @@ fn tiled(x: &[f32], rows: usize, n: usize, k: usize, dot: impl Fn(&Q8Rows, usize
         }
     }
     out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_q4_1_avx2(wd: &[f32], wm: &[f32], wq: &[u8], a: &Q8Rows, r0: usize, kb: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut accm = [0f32; 4];
+    let k = kb * QK;
+    for b in 0..kb {
+        let raw = _mm_loadu_si128(wq.as_ptr().add(b * 16) as *const __m128i);
+        let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+        let d = *wd.get_unchecked(b);
+        let m = *wm.get_unchecked(b);
+        for i in 0..4 {
+            let r = r0 + i;
+            let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
+            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa), ones);
+            let scale = _mm256_set1_ps(d * *a.d.get_unchecked(r * kb + b));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i]);
+            accm[i] += m * *a.s.get_unchecked(r * kb + b);
+        }
+    }
+    for i in 0..4 {
+        out[i] = hsum(acc[i]) + accm[i];
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_q8_0_avx2(wd: &[f32], wq: &[i8], a: &Q8Rows, r0: usize, kb: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let k = kb * QK;
+    for b in 0..kb {
+        let w = _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i);
+        let aw = _mm256_sign_epi8(w, w);
+        let d = *wd.get_unchecked(b);
+        for i in 0..4 {
+            let r = r0 + i;
+            let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
+            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qa, w)), ones);
+            let scale = _mm256_set1_ps(d * *a.d.get_unchecked(r * kb + b));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i]);
+        }
+    }
+    for i in 0..4 {
+        out[i] = hsum(acc[i]);
+    }
 }
 
 #[inline]
@@ -188,15 +258,20 @@ impl Q4_1Matrix {
         let (n, k) = (self.n, self.k);
         debug_assert_eq!(x.len(), rows * k);
         let kb = k / QK;
-        tiled(x, rows, n, k, |a, j, r| {
-            dot_row(
-                &self.d[j * kb..(j + 1) * kb],
-                &self.m[j * kb..(j + 1) * kb],
-                &self.qs[j * kb * 16..(j + 1) * kb * 16],
-                &a.d[r * kb..(r + 1) * kb],
-                &a.s[r * kb..(r + 1) * kb],
-                &a.q[r * k..(r + 1) * k],
-            )
+        tiled(x, rows, n, k, |a, j, r0, out| {
+            let (wd, wm, wq) = (&self.d[j * kb..(j + 1) * kb], &self.m[j * kb..(j + 1) * kb], &self.qs[j * kb * 16..(j + 1) * kb * 16]);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if out.len() == 4 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: features detected; rows r0..r0+4 exist in `a`.
+                    unsafe { dot4_q4_1_avx2(wd, wm, wq, a, r0, kb, out) };
+                    return;
+                }
+            }
+            for (i, o) in out.iter_mut().enumerate() {
+                let r = r0 + i;
+                *o = dot_row(wd, wm, wq, &a.d[r * kb..(r + 1) * kb], &a.s[r * kb..(r + 1) * kb], &a.q[r * k..(r + 1) * k]);
+            }
         })
     }
 }
