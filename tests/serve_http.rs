@@ -119,7 +119,7 @@ fn api_keys_are_required_and_checked() {
     });
     let digest = String::from_utf8(out.unwrap().stdout).unwrap().split_whitespace().next().unwrap().to_string();
     std::fs::write(&keys, format!("# ops team\n{digest}\n")).unwrap();
-    let s = start(&["--api-key-file", keys.to_str().unwrap()]);
+    let s = start(&["--api-key-file", keys.to_str().unwrap(), "--per-key-concurrency", "1"]);
     let body = r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}"#;
     let (code, text) = post(&s.base, "/v1/chat/completions", body, None);
     assert_eq!(code, 401, "{text}");
@@ -127,6 +127,28 @@ fn api_keys_are_required_and_checked() {
     assert_eq!(code, 401);
     let (code, text) = post(&s.base, "/v1/chat/completions", body, Some("secret-key-1"));
     assert_eq!(code, 200, "{text}");
+    // One request at a time per key: a second concurrent one gets 429.
+    let base = s.base.clone();
+    let long = std::thread::spawn(move || {
+        let b = r#"{"prompt": "Count:", "max_tokens": 60, "ignore_eos": true}"#;
+        post(&base, "/v1/completions", b, Some("secret-key-1"))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, text) = post(&s.base, "/v1/chat/completions", body, Some("secret-key-1"));
+    assert_eq!(code, 429, "{text}");
+    assert!(text.contains("in flight"), "{text}");
+    assert_eq!(long.join().unwrap().0, 200);
+    // A request that runs past --request-timeout-s gets 504, and its blocks are freed.
+    let t = start(&["--request-timeout-s", "1"]);
+    let b = r#"{"prompt": "Count:", "max_tokens": 5000, "ignore_eos": true}"#;
+    let (code, text) = post(&t.base, "/v1/completions", b, None);
+    assert_eq!(code, 504, "{text}");
+    assert!(text.contains("timed out"), "{text}");
+    let since = Instant::now();
+    while metric(&t.base, "hromada:kv_cache_blocks_used") > 0.0 {
+        assert!(since.elapsed() < Duration::from_secs(30), "blocks not freed after the timeout");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Not loopback and no key file: refuses to start.
     let out = Command::new(env!("CARGO_BIN_EXE_hromada")).args(["serve", "--host", "0.0.0.0", "--port", "1"]).output().unwrap();
     assert!(!out.status.success());
