@@ -52,6 +52,16 @@ pub struct TokenOut {
     /// Raw logits' top entries (id, logprob) when the request asked for them.
     pub top: Vec<(u32, f32)>,
     pub finished: Option<FinishReason>,
+    /// With the first generated token of a request that asked for prompt log-probs:
+    /// for prompt positions 1.., the prompt token, its log-prob and the top entries.
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 struct SeqState {
@@ -60,6 +70,9 @@ struct SeqState {
     max_new: usize,
     eos: Vec<u32>,
     top_logprobs: usize,
+    /// Some(k): collect prompt log-probs (with the top k) for the first output token.
+    prompt_lp: Option<usize>,
+    prompt_out: Vec<PromptLogprob>,
 }
 
 pub struct Engine {
@@ -87,6 +100,19 @@ impl Engine {
 
     /// Queue a request. `top_logprobs`: how many top entries to report per token.
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, params: SamplingParams, top_logprobs: usize) -> Result<(), EngineError> {
+        self.add_with_prompt_logprobs(id, prompt, params, top_logprobs, None)
+    }
+
+    /// As `add`; `prompt_logprobs: Some(k)` also scores every prompt token (the
+    /// log-likelihood interface evaluation harnesses use through `echo`).
+    pub fn add_with_prompt_logprobs(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        top_logprobs: usize,
+        prompt_logprobs: Option<usize>,
+    ) -> Result<(), EngineError> {
         params.validate()?;
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
@@ -105,8 +131,13 @@ impl Engine {
         let max_new = params.max_tokens.min(context - prompt.len());
         let mut eos = if params.ignore_eos { vec![] } else { self.model.eos_ids() };
         eos.extend(params.stop_token_ids.iter().copied());
-        self.states.insert(id, SeqState { sampler: Sampler::new(params, &prompt), generated: 0, max_new, eos, top_logprobs });
-        self.sched.add(Sequence::new(id, prompt));
+        self.states.insert(
+            id,
+            SeqState { sampler: Sampler::new(params, &prompt), generated: 0, max_new, eos, top_logprobs, prompt_lp: prompt_logprobs, prompt_out: vec![] },
+        );
+        let mut seq = Sequence::new(id, prompt);
+        seq.no_prefix_cache = prompt_logprobs.is_some();
+        self.sched.add(seq);
         Ok(())
     }
 
@@ -129,10 +160,19 @@ impl Engine {
         let mut ids = Vec::new();
         let mut seqs = Vec::with_capacity(plan.len());
         let mut sample_rows = Vec::new();
+        // (seq, prompt position p, row): the row's logits score prompt token p + 1.
+        let mut prompt_rows: Vec<(SeqId, usize, u32)> = Vec::new();
         for x in &plan {
             let s = &self.sched.seqs[&x.id];
+            let base = ids.len();
             ids.extend_from_slice(&s.tokens[x.start..x.start + x.len]);
             seqs.push(BatchSeq { start: x.start, len: x.len, table: s.table.clone() });
+            if let Some(st) = self.states.get(&x.id).filter(|st| st.prompt_lp.is_some() && st.generated == 0) {
+                let done = st.prompt_out.len();
+                for p in x.start.max(done)..(x.start + x.len).min(s.prompt_len.saturating_sub(1)) {
+                    prompt_rows.push((x.id, p, (base + p - x.start) as u32));
+                }
+            }
             if x.samples {
                 sample_rows.push((ids.len() - 1) as u32);
             }
@@ -141,12 +181,26 @@ impl Engine {
         let input = Tensor::new(ids.as_slice(), &device)?;
         let mut batch = PagedBatch { kv: &mut self.kv, seqs };
         let hidden = self.model.model.forward(&input, &mut batch)?;
-        let logits: Vec<Vec<f32>> = if sample_rows.is_empty() {
+        let all_rows: Vec<u32> = sample_rows.iter().copied().chain(prompt_rows.iter().map(|r| r.2)).collect();
+        let mut logits: Vec<Vec<f32>> = if all_rows.is_empty() {
             vec![]
         } else {
-            let rows = hidden.index_select(&Tensor::new(sample_rows.as_slice(), &device)?, 0)?;
+            let rows = hidden.index_select(&Tensor::new(all_rows.as_slice(), &device)?, 0)?;
             self.model.model.logits(&rows)?.to_vec2()?
         };
+        let prompt_logits = logits.split_off(sample_rows.len());
+        for ((id, p, _), row) in prompt_rows.iter().zip(&prompt_logits) {
+            let (Some(st), Some(s)) = (self.states.get_mut(id), self.sched.seqs.get(id)) else { continue };
+            let k = st.prompt_lp.unwrap_or(0);
+            let token = s.tokens[p + 1];
+            if st.prompt_out.len() == *p {
+                st.prompt_out.push(PromptLogprob {
+                    token,
+                    logprob: hromada_models::sampling::log_softmax_at(row, token as usize),
+                    top: hromada_models::sampling::top_logprobs(row, k),
+                });
+            }
+        }
         let mut out = Vec::new();
         let mut li = 0;
         for x in &plan {
@@ -167,7 +221,8 @@ impl Engine {
             } else {
                 None
             };
-            out.push(TokenOut { id: x.id, token: s.token, logprob: s.logprob, top, finished });
+            let prompt_logprobs = if st.generated == 1 && st.prompt_lp.is_some() { Some(std::mem::take(&mut st.prompt_out)) } else { None };
+            out.push(TokenOut { id: x.id, token: s.token, logprob: s.logprob, top, finished, prompt_logprobs });
             if finished.is_some() {
                 self.cancel(x.id);
             } else {

@@ -38,12 +38,14 @@ pub struct Sequence {
     /// Prompt tokens served from the prefix cache at admission.
     pub cached_tokens: usize,
     pub preemptions: u32,
+    /// Compute every prompt position (no prefix-cache reuse): prompt log-probs need them.
+    pub no_prefix_cache: bool,
 }
 
 impl Sequence {
     pub fn new(id: SeqId, prompt: Vec<u32>) -> Self {
         let prompt_len = prompt.len();
-        Self { id, tokens: prompt, prompt_len, computed: 0, table: vec![], cached_tokens: 0, preemptions: 0 }
+        Self { id, tokens: prompt, prompt_len, computed: 0, table: vec![], cached_tokens: 0, preemptions: 0, no_prefix_cache: false }
     }
     pub fn in_prefill(&self) -> bool {
         self.computed + 1 < self.tokens.len()
@@ -158,7 +160,7 @@ impl Scheduler {
                 continue;
             };
             if s.table.is_empty() {
-                let a = blocks.allocate_prompt(&s.tokens);
+                let a = if s.no_prefix_cache { Default::default() } else { blocks.allocate_prompt(&s.tokens) };
                 s.table = a.table;
                 s.cached_tokens = a.cached_tokens;
                 s.computed = a.cached_tokens;

@@ -88,7 +88,14 @@ pub fn sha256_hex(s: &str) -> String {
 }
 
 enum Cmd {
-    Add { id: u64, prompt: Vec<u32>, params: SamplingParams, top: usize, tx: mpsc::UnboundedSender<Result<TokenOut, String>> },
+    Add {
+        id: u64,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        top: usize,
+        prompt_lp: Option<usize>,
+        tx: mpsc::UnboundedSender<Result<TokenOut, String>>,
+    },
     Cancel(u64),
 }
 
@@ -107,9 +114,9 @@ struct AppState {
 fn engine_loop(mut engine: Engine, rx: std::sync::mpsc::Receiver<Cmd>, metrics: Arc<Metrics>) {
     let mut senders: HashMap<u64, mpsc::UnboundedSender<Result<TokenOut, String>>> = HashMap::new();
     let handle = |engine: &mut Engine, senders: &mut HashMap<u64, _>, cmd: Cmd| match cmd {
-        Cmd::Add { id, prompt, params, top, tx } => {
+        Cmd::Add { id, prompt, params, top, prompt_lp, tx } => {
             let n = prompt.len() as u64;
-            match engine.add(id, prompt, params, top) {
+            match engine.add_with_prompt_logprobs(id, prompt, params, top, prompt_lp) {
                 Ok(()) => {
                     metrics.prompt_tokens.fetch_add(n, Ordering::Relaxed);
                     senders.insert(id, tx);
@@ -270,6 +277,7 @@ fn launch(
     top: usize,
     want_logprobs: bool,
     chat_logprobs: bool,
+    prompt_lp: Option<usize>,
     start: Instant,
 ) -> mpsc::UnboundedReceiver<Delta> {
     let (dtx, drx) = mpsc::unbounded_channel();
@@ -281,7 +289,8 @@ fn launch(
             p.seed = params.seed.map(|s| s.wrapping_add(index as u64));
             let (ttx, mut trx) = mpsc::unbounded_channel();
             let stops = p.stop.clone();
-            if state.tx.send(Cmd::Add { id, prompt: prompt.clone(), params: p, top, tx: ttx }).is_err() {
+            let first = prompt.first().copied().unwrap_or(0);
+            if state.tx.send(Cmd::Add { id, prompt: prompt.clone(), params: p, top, prompt_lp, tx: ttx }).is_err() {
                 let _ = dtx.send(Delta::Error("the engine has stopped".into()));
                 continue;
             }
@@ -318,6 +327,21 @@ fn launch(
                         st.metrics.itl.observe(now.duration_since(last).as_secs_f64());
                     }
                     last = now;
+                    if let Some(pl) = &t.prompt_logprobs {
+                        // echo + logprobs: the prompt's own tokens first (the first has none).
+                        let piece = |id: u32| st.model.tokenizer.decode(&[id], false).unwrap_or_default();
+                        let mut entries = vec![json!({"token": piece(first), "logprob": null, "top": null})];
+                        for e in pl {
+                            let mut top = serde_json::Map::new();
+                            for (id, lp) in &e.top {
+                                top.insert(piece(*id), json!(lp));
+                            }
+                            entries.push(json!({"token": piece(e.token), "logprob": e.logprob, "top": top}));
+                        }
+                        if dtx.send(Delta::Text { index, text: String::new(), logprobs: entries }).is_err() {
+                            break;
+                        }
+                    }
                     let is_eos = t.finished == Some(FinishReason::Stop);
                     let mut text = String::new();
                     let mut hit = false;
@@ -440,7 +464,7 @@ async fn chat_inner(state: Arc<AppState>, headers: HeaderMap, body: axum::body::
     let params = SamplingParams { max_tokens, ..params };
     let guard = admit(&state, key, n)?;
     let prompt_tokens = prompt.len();
-    let rx = launch(&state, vec![prompt], params, n, top, req.logprobs, true, start);
+    let rx = launch(&state, vec![prompt], params, n, top, req.logprobs, true, None, start);
     let id = format!("chatcmpl-{:x}", state.next_id.fetch_add(1, Ordering::SeqCst) ^ now_secs());
     let created = now_secs();
     let model = state.model_name.clone();
@@ -629,7 +653,8 @@ async fn completions_inner(state: Arc<AppState>, headers: HeaderMap, body: axum:
     } else {
         vec![]
     };
-    let rx = launch(&state, prompts, params, n, top, req.logprobs.is_some(), false, start);
+    let prompt_lp = (req.echo && req.logprobs.is_some()).then_some(top);
+    let rx = launch(&state, prompts, params, n, top, req.logprobs.is_some(), false, prompt_lp, start);
     let id = format!("cmpl-{:x}", state.next_id.fetch_add(1, Ordering::SeqCst) ^ now_secs());
     let created = now_secs();
     let model = state.model_name.clone();
@@ -646,7 +671,9 @@ async fn completions_inner(state: Arc<AppState>, headers: HeaderMap, body: axum:
     let choices: Vec<Value> = (0..total)
         .map(|i| {
             let prefix = if req.echo { echo_texts[i / n].clone() } else { String::new() };
-            let lp = if req.logprobs.is_some() { completion_logprobs(&lps[i], prefix.len()) } else { Value::Null };
+            // With echo the prompt's tokens lead the log-probs, so offsets start at 0.
+            let off = if prompt_lp.is_some() { 0 } else { prefix.len() };
+            let lp = if req.logprobs.is_some() { completion_logprobs(&lps[i], off) } else { Value::Null };
             json!({"index": i, "text": format!("{prefix}{}", texts[i]), "logprobs": lp, "finish_reason": finishes[i]})
         })
         .collect();

@@ -122,3 +122,29 @@ fn bad_requests_are_errors_not_panics() {
     assert!(!e.has_work());
     assert_eq!(e.blocks.num_used(), 0);
 }
+
+#[test]
+fn prompt_logprobs_match_the_reference_teacher_forced_logprobs() {
+    let g = golden();
+    let m = model();
+    let mut e = Engine::new(m.clone(), EngineConfig { scheduler: SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 40 }, ..Default::default() });
+    let prompts: Vec<&serde_json::Value> = g["prompts"].as_array().unwrap().iter().take(5).collect();
+    for (i, p) in prompts.iter().enumerate() {
+        e.add_with_prompt_logprobs(i as u64, ids(&p["input_ids"]), greedy(1), 0, Some(2)).unwrap();
+    }
+    let mut got = std::collections::HashMap::new();
+    while e.has_work() {
+        for t in e.step().unwrap() {
+            got.insert(t.id, t.prompt_logprobs.expect("prompt logprobs with the first token"));
+        }
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        let want: Vec<f64> = p["positions"]["next_token_logprob"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let lp = &got[&(i as u64)];
+        assert_eq!(lp.len(), want.len(), "one entry per prompt token after the first");
+        for (j, (a, b)) in lp.iter().zip(&want).enumerate() {
+            assert!((a.logprob as f64 - b).abs() <= 4e-3, "prompt {i} position {j}: {} vs {b}", a.logprob);
+            assert_eq!(a.top.len(), 2);
+        }
+    }
+}

@@ -86,3 +86,19 @@ def test_bad_key_and_bad_request(server):
     assert "max_tokens" in str(e.value)
     with pytest.raises(openai.NotFoundError):
         client(server).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+
+
+def test_completions_echo_scores_the_prompt(server):
+    c = client(server)
+    # ASCII, so every token decodes on its own (byte-level pieces of Cyrillic letters do not).
+    prompt = "The capital of Ukraine is Kyiv."
+    r = c.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    ch = r.choices[0]
+    assert ch.text.startswith(prompt)
+    lp = ch.logprobs
+    n_prompt = r.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + 1
+    assert lp.token_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens[:n_prompt]) == prompt
+    assert lp.text_offset[0] == 0
