@@ -174,7 +174,18 @@ unsafe fn dot4_q4_1_vnni(wd: &[f32], wm: &[f32], wq: &[u8], a: &Q8Rows, r0: usiz
     for i in 0..4 {
         let r = r0 + i;
         let sums = &a.s[r * kb..(r + 1) * kb];
-        let m: f32 = wm.iter().zip(sums).map(|(x, y)| x * y).sum();
+        // The min term, sum_b m_b * s_b, eight blocks per instruction.
+        let mut mv = _mm256_setzero_ps();
+        let mut b = 0;
+        while b + 8 <= kb {
+            mv = _mm256_fmadd_ps(_mm256_loadu_ps(wm.as_ptr().add(b)), _mm256_loadu_ps(sums.as_ptr().add(b)), mv);
+            b += 8;
+        }
+        let mut m = hsum(mv);
+        while b < kb {
+            m += *wm.get_unchecked(b) * *sums.get_unchecked(b);
+            b += 1;
+        }
         out[i] = hsum(acc[i]) + m;
     }
 }
@@ -419,7 +430,8 @@ mod tests {
 
     #[test]
     fn matmul_matches_dequantized_reference_and_scalar_path() {
-        let (n, k, rows) = (37, 96, 5);
+        // k = 320: ten blocks, so the 8-wide loops and their remainders both run.
+        let (n, k, rows) = (37, 320, 5);
         let mut rng = crate::sampling::Rng::new(3);
         let w: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
         let x: Vec<f32> = (0..rows * k).map(|_| (rng.next_f64() - 0.5) as f32 * 3.0).collect();
@@ -434,7 +446,7 @@ mod tests {
             }
         }
         // Only the 8-bit activation rounding separates the two.
-        assert!(worst < 0.05, "max error {worst}");
+        assert!(worst < 0.1, "max error {worst}");
         // SIMD and scalar agree to float rounding.
         let a = quantize_rows(&x, rows, k);
         let kb = k / QK;
@@ -462,7 +474,7 @@ mod tests {
         for r in 0..rows {
             for j in 0..n {
                 let exact: f32 = (0..k).map(|i| x[r * k + i] * wd[j * k + i]).sum();
-                assert!((y[r * n + j] - exact).abs() < 0.05, "q8_0 {r},{j}");
+                assert!((y[r * n + j] - exact).abs() < 0.1, "q8_0 {r},{j}");
             }
         }
     }
