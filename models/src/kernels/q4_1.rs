@@ -60,8 +60,8 @@ impl Q8_0Matrix {
             let (wd, wq) = (&self.d[j * kb..(j + 1) * kb], &self.qs[j * k..(j + 1) * k]);
             #[cfg(target_arch = "x86_64")]
             {
-                if out.len() == 4 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: features detected; rows r0..r0+4 exist in `a`.
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: features detected; rows r0..r0+out.len() exist in `a`.
                     unsafe { dot4_q8_0_avx2(wd, wq, a, r0, kb, out) };
                     return;
                 }
@@ -119,6 +119,7 @@ unsafe fn dot4_q4_1_avx2(wd: &[f32], wm: &[f32], wq: &[u8], a: &Q8Rows, r0: usiz
     use std::arch::x86_64::*;
     let mask = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
+    let g = out.len().min(4);
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut accm = [0f32; 4];
     let k = kb * QK;
@@ -127,7 +128,7 @@ unsafe fn dot4_q4_1_avx2(wd: &[f32], wm: &[f32], wq: &[u8], a: &Q8Rows, r0: usiz
         let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
         let d = *wd.get_unchecked(b);
         let m = *wm.get_unchecked(b);
-        for i in 0..4 {
+        for i in 0..g {
             let r = r0 + i;
             let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
             let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa), ones);
@@ -136,7 +137,7 @@ unsafe fn dot4_q4_1_avx2(wd: &[f32], wm: &[f32], wq: &[u8], a: &Q8Rows, r0: usiz
             accm[i] += m * *a.s.get_unchecked(r * kb + b);
         }
     }
-    for i in 0..4 {
+    for i in 0..g {
         out[i] = hsum(acc[i]) + accm[i];
     }
 }
@@ -157,13 +158,14 @@ unsafe fn dot4_q4_1_vnni(wd: &[f32], wm: &[f32], wq: &[u8], a: &Q8Rows, r0: usiz
     use std::arch::x86_64::*;
     let mask = _mm256_set1_epi8(0x0F);
     let zero = _mm256_setzero_si256();
+    let g = out.len().min(4);
     let mut acc = [_mm256_setzero_ps(); 4];
     let k = kb * QK;
     for b in 0..kb {
         let raw = _mm_loadu_si128(wq.as_ptr().add(b * 16) as *const __m128i);
         let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
         let d = *wd.get_unchecked(b);
-        for i in 0..4 {
+        for i in 0..g {
             let r = r0 + i;
             let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
             let p32 = _mm256_dpbusd_epi32(zero, qw, qa);
@@ -171,7 +173,7 @@ unsafe fn dot4_q4_1_vnni(wd: &[f32], wm: &[f32], wq: &[u8], a: &Q8Rows, r0: usiz
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i]);
         }
     }
-    for i in 0..4 {
+    for i in 0..g {
         let r = r0 + i;
         let sums = &a.s[r * kb..(r + 1) * kb];
         // The min term, sum_b m_b * s_b, eight blocks per instruction.
@@ -195,13 +197,14 @@ unsafe fn dot4_q4_1_vnni(wd: &[f32], wm: &[f32], wq: &[u8], a: &Q8Rows, r0: usiz
 unsafe fn dot4_q8_0_avx2(wd: &[f32], wq: &[i8], a: &Q8Rows, r0: usize, kb: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let ones = _mm256_set1_epi16(1);
+    let g = out.len().min(4);
     let mut acc = [_mm256_setzero_ps(); 4];
     let k = kb * QK;
     for b in 0..kb {
         let w = _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i);
         let aw = _mm256_sign_epi8(w, w);
         let d = *wd.get_unchecked(b);
-        for i in 0..4 {
+        for i in 0..g {
             let r = r0 + i;
             let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
             let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qa, w)), ones);
@@ -209,7 +212,7 @@ unsafe fn dot4_q8_0_avx2(wd: &[f32], wq: &[i8], a: &Q8Rows, r0: usize, kb: usize
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i]);
         }
     }
-    for i in 0..4 {
+    for i in 0..g {
         out[i] = hsum(acc[i]);
     }
 }
@@ -311,13 +314,13 @@ impl Q4_1Matrix {
             let (wd, wm, wq) = (&self.d[j * kb..(j + 1) * kb], &self.m[j * kb..(j + 1) * kb], &self.qs[j * kb * 16..(j + 1) * kb * 16]);
             #[cfg(target_arch = "x86_64")]
             {
-                if out.len() == 4 && has_vnni() {
-                    // SAFETY: features detected; rows r0..r0+4 exist in `a`.
+                if has_vnni() {
+                    // SAFETY: features detected; rows r0..r0+out.len() exist in `a`.
                     unsafe { dot4_q4_1_vnni(wd, wm, wq, a, r0, kb, out) };
                     return;
                 }
-                if out.len() == 4 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: features detected; rows r0..r0+4 exist in `a`.
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: features detected; rows r0..r0+out.len() exist in `a`.
                     unsafe { dot4_q4_1_avx2(wd, wm, wq, a, r0, kb, out) };
                     return;
                 }
@@ -457,6 +460,12 @@ mod tests {
             assert!((s - v).abs() <= 1e-4 * s.abs().max(1.0), "{s} vs {v}");
         }
         assert!(Q4_1Matrix::from_ggml_bytes(&[0u8; 7], 1, 32).is_none());
+        // Batch invariance: a row's result does not depend on the other rows, bit for bit
+        // (seeded sampling in a continuously batched server relies on it).
+        for r in 0..rows {
+            let alone = m.matmul(&x[r * k..(r + 1) * k], 1);
+            assert_eq!(&y[r * n..(r + 1) * n], &alone[..], "row {r} differs when batched");
+        }
         // Q8_0: the same check against its dequantized values.
         let mut bytes = Vec::new();
         for r in 0..n {
@@ -471,6 +480,9 @@ mod tests {
         let q8 = Q8_0Matrix::from_ggml_bytes(&bytes, n, k).unwrap();
         let wd = q8.dequantize();
         let y = q8.matmul(&x, rows);
+        for r in 0..rows {
+            assert_eq!(&y[r * n..(r + 1) * n], &q8.matmul(&x[r * k..(r + 1) * k], 1)[..], "q8_0 row {r} batched");
+        }
         for r in 0..rows {
             for j in 0..n {
                 let exact: f32 = (0..k).map(|i| x[r * k + i] * wd[j * k + i]).sum();
