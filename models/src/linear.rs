@@ -167,27 +167,25 @@ impl Linear {
                     mm.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
                 }
             }
-            Weight::Q4_1(_) | Weight::Q8_0(_) => {
-                let dims = x.dims().to_vec();
-                let rows = x.elem_count() / self.in_dim;
-                let xf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut out_dims = dims.clone();
-                if let Some(l) = out_dims.last_mut() {
-                    *l = self.out_dim;
-                }
-                let y = match &self.weight {
-                    Weight::Q4_1(m) => m.matmul(&xf, rows),
-                    Weight::Q8_0(m) => m.matmul(&xf, rows),
-                    _ => unreachable!("matched above"),
-                };
-                Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())?
-            }
+            Weight::Q4_1(m) => kernel_matmul(x, self.in_dim, self.out_dim, |xf, rows| m.matmul(xf, rows))?,
+            Weight::Q8_0(m) => kernel_matmul(x, self.in_dim, self.out_dim, |xf, rows| m.matmul(xf, rows))?,
         };
         match &self.bias {
             None => Ok(y),
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
         }
     }
+}
+
+/// Run one of hromada's CPU kernels on `x` (`[..., in]`), returning `[..., out]`.
+fn kernel_matmul(x: &Tensor, in_dim: usize, out_dim: usize, mm: impl Fn(&[f32], usize) -> Vec<f32>) -> Result<Tensor> {
+    let rows = x.elem_count() / in_dim;
+    let xf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut dims = x.dims().to_vec();
+    if let Some(l) = dims.last_mut() {
+        *l = out_dim;
+    }
+    Tensor::from_vec(mm(&xf, rows), dims, x.device())?.to_dtype(x.dtype())
 }
 
 impl Module for Linear {

@@ -153,7 +153,9 @@ impl Engine {
 
     /// Run one step; returns the tokens produced by it.
     pub fn step(&mut self) -> Result<Vec<TokenOut>, EngineError> {
-        let plan = self.sched.schedule(&mut self.blocks);
+        let mut plan = self.sched.schedule(&mut self.blocks);
+        // The scheduler plans only sequences it holds; keep the plan and the rows aligned.
+        plan.retain(|x| self.sched.seqs.contains_key(&x.id));
         if plan.is_empty() {
             return Ok(vec![]);
         }
@@ -163,7 +165,7 @@ impl Engine {
         // (seq, prompt position p, row): the row's logits score prompt token p + 1.
         let mut prompt_rows: Vec<(SeqId, usize, u32)> = Vec::new();
         for x in &plan {
-            let s = &self.sched.seqs[&x.id];
+            let Some(s) = self.sched.seqs.get(&x.id) else { continue };
             let base = ids.len();
             ids.extend_from_slice(&s.tokens[x.start..x.start + x.len]);
             seqs.push(BatchSeq { start: x.start, len: x.len, table: s.table.clone() });
@@ -208,7 +210,7 @@ impl Engine {
             if !x.samples {
                 continue;
             }
-            let row = &logits[li];
+            let Some(row) = logits.get(li) else { break };
             li += 1;
             let Some(st) = self.states.get_mut(&x.id) else { continue };
             let s = st.sampler.sample(row);

@@ -168,11 +168,8 @@ impl Scheduler {
             let start = s.computed;
             let len = (s.tokens.len() - start).min(budget);
             if blocks.grow(&mut s.table, start + len).is_err() {
-                // Keep its cache hits for the next try only if it is already holding them.
-                if out.is_empty() && self.running.is_empty() {
-                    // Nothing running and it still does not fit: it never will.
-                    tracing::warn!(seq = id, "sequence does not fit in the KV cache");
-                }
+                // Not enough blocks now: give back what it took and wait (the engine
+                // rejects prompts larger than the whole cache at admission).
                 let t = std::mem::take(&mut s.table);
                 s.computed = 0;
                 s.cached_tokens = 0;

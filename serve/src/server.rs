@@ -302,7 +302,6 @@ fn launch(
                 let mut count = 0usize;
                 let mut last = Instant::now();
                 let deadline = tokio::time::Instant::now() + st.cfg.request_timeout;
-                let mut finished = false;
                 loop {
                     let msg = match tokio::time::timeout_at(deadline, trx.recv()).await {
                         Ok(Some(m)) => m,
@@ -316,7 +315,6 @@ fn launch(
                         Ok(t) => t,
                         Err(e) => {
                             let _ = dtx.send(Delta::Error(e));
-                            finished = true;
                             break;
                         }
                     };
@@ -366,7 +364,6 @@ fn launch(
                         break; // client gone
                     }
                     if let Some(f) = finish {
-                        finished = true;
                         let _ = dtx.send(Delta::Done { index, finish: f, completion_tokens: count });
                         break;
                     }
@@ -374,7 +371,6 @@ fn launch(
                 // Stop-string hits, timeouts and disconnects end the sequence early; for a
                 // sequence the engine already finished this is a no-op.
                 let _ = st.tx.send(Cmd::Cancel(id));
-                let _ = finished;
                 st.metrics.e2e.observe(start.elapsed().as_secs_f64());
                 st.metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
             });

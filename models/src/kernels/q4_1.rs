@@ -56,19 +56,18 @@ impl Q8_0Matrix {
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let kb = self.k / QK;
         let k = self.k;
+        let isa = isa();
         tiled(x, rows, self.n, k, |a, j, r0, out| {
             let (wd, wq) = (&self.d[j * kb..(j + 1) * kb], &self.qs[j * k..(j + 1) * k]);
             #[cfg(target_arch = "x86_64")]
-            {
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: features detected; rows r0..r0+out.len() exist in `a`.
-                    unsafe { dot4_q8_0_avx2(wd, wq, a, r0, kb, out) };
-                    return;
-                }
+            if isa != Isa::Scalar {
+                // SAFETY: AVX2+FMA detected; rows r0..r0+out.len() exist in `a`.
+                unsafe { dot4_q8_0_avx2(wd, wq, a, r0, kb, out) };
+                return;
             }
             for (i, o) in out.iter_mut().enumerate() {
                 let r = r0 + i;
-                *o = dot_row_q8(wd, wq, &a.d[r * kb..(r + 1) * kb], &a.q[r * k..(r + 1) * k]);
+                *o = dot_row_q8_scalar(wd, wq, &a.d[r * kb..(r + 1) * kb], &a.q[r * k..(r + 1) * k]);
             }
         })
     }
@@ -142,12 +141,29 @@ unsafe fn dot4_q4_1_avx2(wd: &[f32], wm: &[f32], wq: &[u8], a: &Q8Rows, r0: usiz
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_vnni() -> bool {
-    std::is_x86_feature_detected!("avx512vnni")
-        && std::is_x86_feature_detected!("avx512vl")
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
+/// The instruction set the kernels use, detected once per process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Vnni,
+    Avx2,
+    Scalar,
+}
+
+fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+            if avx2 && std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") {
+                return Isa::Vnni;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    })
 }
 
 /// As `dot4_q4_1_avx2`, with AVX-512 VNNI's `vpdpbusd` (u8 x i8 -> i32 in one
@@ -217,40 +233,14 @@ unsafe fn dot4_q8_0_avx2(wd: &[f32], wq: &[i8], a: &Q8Rows, r0: usize, kb: usize
     }
 }
 
-#[inline]
-fn dot_row_q8(wd: &[f32], wq: &[i8], ad: &[f32], aq: &[i8]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: features detected; slices have matching block counts.
-            return unsafe { dot_row_q8_avx2(wd, wq, ad, aq) };
-        }
-    }
+/// Scalar fallback for CPUs without AVX2 (and the reference for the SIMD paths).
+fn dot_row_q8_scalar(wd: &[f32], wq: &[i8], ad: &[f32], aq: &[i8]) -> f32 {
     let mut acc = 0f32;
     for b in 0..wd.len() {
         let isum: i32 = (0..QK).map(|i| wq[b * QK + i] as i32 * aq[b * QK + i] as i32).sum();
         acc += wd[b] * ad[b] * isum as f32;
     }
     acc
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_row_q8_avx2(wd: &[f32], wq: &[i8], ad: &[f32], aq: &[i8]) -> f32 {
-    use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    for b in 0..wd.len() {
-        let w = _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i);
-        let a = _mm256_loadu_si256(aq.as_ptr().add(b * QK) as *const __m256i);
-        // |w| * sign(w)·a with unsigned-by-signed multiply-add.
-        let aw = _mm256_sign_epi8(w, w);
-        let sa = _mm256_sign_epi8(a, w);
-        let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), ones);
-        let scale = _mm256_set1_ps(*wd.get_unchecked(b) * *ad.get_unchecked(b));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc);
-    }
-    hsum(acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -310,24 +300,19 @@ impl Q4_1Matrix {
         let (n, k) = (self.n, self.k);
         debug_assert_eq!(x.len(), rows * k);
         let kb = k / QK;
+        let isa = isa();
         tiled(x, rows, n, k, |a, j, r0, out| {
             let (wd, wm, wq) = (&self.d[j * kb..(j + 1) * kb], &self.m[j * kb..(j + 1) * kb], &self.qs[j * kb * 16..(j + 1) * kb * 16]);
+            // SAFETY (both): the features were detected; rows r0..r0+out.len() exist in `a`.
             #[cfg(target_arch = "x86_64")]
-            {
-                if has_vnni() {
-                    // SAFETY: features detected; rows r0..r0+out.len() exist in `a`.
-                    unsafe { dot4_q4_1_vnni(wd, wm, wq, a, r0, kb, out) };
-                    return;
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: features detected; rows r0..r0+out.len() exist in `a`.
-                    unsafe { dot4_q4_1_avx2(wd, wm, wq, a, r0, kb, out) };
-                    return;
-                }
+            match isa {
+                Isa::Vnni => return unsafe { dot4_q4_1_vnni(wd, wm, wq, a, r0, kb, out) },
+                Isa::Avx2 => return unsafe { dot4_q4_1_avx2(wd, wm, wq, a, r0, kb, out) },
+                Isa::Scalar => {}
             }
             for (i, o) in out.iter_mut().enumerate() {
                 let r = r0 + i;
-                *o = dot_row(wd, wm, wq, &a.d[r * kb..(r + 1) * kb], &a.s[r * kb..(r + 1) * kb], &a.q[r * k..(r + 1) * k]);
+                *o = dot_row_scalar(wd, wm, wq, &a.d[r * kb..(r + 1) * kb], &a.s[r * kb..(r + 1) * kb], &a.q[r * k..(r + 1) * k]);
             }
         })
     }
@@ -355,18 +340,6 @@ fn quantize_rows(x: &[f32], rows: usize, k: usize) -> Q8Rows {
     Q8Rows { d, s, q }
 }
 
-#[inline]
-fn dot_row(wd: &[f32], wm: &[f32], wq: &[u8], ad: &[f32], asum: &[f32], aq: &[i8]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected; slices have matching block counts.
-            return unsafe { dot_row_avx2(wd, wm, wq, ad, asum, aq) };
-        }
-    }
-    dot_row_scalar(wd, wm, wq, ad, asum, aq)
-}
-
 fn dot_row_scalar(wd: &[f32], wm: &[f32], wq: &[u8], ad: &[f32], asum: &[f32], aq: &[i8]) -> f32 {
     let mut acc = 0f32;
     for b in 0..wd.len() {
@@ -379,30 +352,6 @@ fn dot_row_scalar(wd: &[f32], wm: &[f32], wq: &[u8], ad: &[f32], asum: &[f32], a
         acc += wd[b] * ad[b] * isum as f32 + wm[b] * asum[b];
     }
     acc
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_row_avx2(wd: &[f32], wm: &[f32], wq: &[u8], ad: &[f32], asum: &[f32], aq: &[i8]) -> f32 {
-    use std::arch::x86_64::*;
-    let nb = wd.len();
-    let mask = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = 0f32;
-    for b in 0..nb {
-        let raw = _mm_loadu_si128(wq.as_ptr().add(b * 16) as *const __m128i);
-        // [low nibbles (elements 0..16) | high nibbles (16..32)]
-        let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-        let qw = _mm256_and_si256(both, mask);
-        let qa = _mm256_loadu_si256(aq.as_ptr().add(b * QK) as *const __m256i);
-        let p16 = _mm256_maddubs_epi16(qw, qa);
-        let p32 = _mm256_madd_epi16(p16, ones);
-        let scale = _mm256_set1_ps(*wd.get_unchecked(b) * *ad.get_unchecked(b));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc);
-        acc_m += *wm.get_unchecked(b) * *asum.get_unchecked(b);
-    }
-    hsum(acc) + acc_m
 }
 
 #[cfg(test)]
@@ -450,14 +399,16 @@ mod tests {
         }
         // Only the 8-bit activation rounding separates the two.
         assert!(worst < 0.1, "max error {worst}");
-        // SIMD and scalar agree to float rounding.
+        // The SIMD kernel this CPU runs and the scalar fallback agree to float rounding.
         let a = quantize_rows(&x, rows, k);
         let kb = k / QK;
-        for j in 0..n {
-            let args = (&m.d[j * kb..(j + 1) * kb], &m.m[j * kb..(j + 1) * kb], &m.qs[j * kb * 16..(j + 1) * kb * 16]);
-            let s = dot_row_scalar(args.0, args.1, args.2, &a.d[..kb], &a.s[..kb], &a.q[..k]);
-            let v = dot_row(args.0, args.1, args.2, &a.d[..kb], &a.s[..kb], &a.q[..k]);
-            assert!((s - v).abs() <= 1e-4 * s.abs().max(1.0), "{s} vs {v}");
+        for r in 0..rows {
+            for j in 0..n {
+                let args = (&m.d[j * kb..(j + 1) * kb], &m.m[j * kb..(j + 1) * kb], &m.qs[j * kb * 16..(j + 1) * kb * 16]);
+                let s = dot_row_scalar(args.0, args.1, args.2, &a.d[r * kb..(r + 1) * kb], &a.s[r * kb..(r + 1) * kb], &a.q[r * k..(r + 1) * k]);
+                let v = y[r * n + j];
+                assert!((s - v).abs() <= 1e-4 * s.abs().max(1.0), "{s} vs {v}");
+            }
         }
         assert!(Q4_1Matrix::from_ggml_bytes(&[0u8; 7], 1, 32).is_none());
         // Batch invariance: a row's result does not depend on the other rows, bit for bit
