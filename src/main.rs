@@ -27,9 +27,71 @@ enum Cmd {
     Pull(PullArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// The data pipeline: clean corpora into training shards.
+    #[command(subcommand)]
+    Data(DataCmd),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Run a pipeline file (YAML): all stages, or one stage of one slice.
+    Run(DataRunArgs),
+    /// Summarise a run's output directory (stats.json; rewrites report.html) or token shards.
+    Stats(DataStatsArgs),
+    /// Write sbatch scripts that run the pipeline's slices as Slurm job arrays.
+    Slurm(DataSlurmArgs),
+}
+
+#[derive(Args)]
+struct DataRunArgs {
+    pipeline: PathBuf,
+    /// Override a config key, e.g. --set tasks=8 --set steps.1.langid.threshold=0.8
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Run only slice i of N (i from 0), e.g. --shard 3/16.
+    #[arg(long)]
+    shard: Option<String>,
+    /// all, signatures, buckets, clusters, filter or report.
+    #[arg(long, default_value = "all")]
+    stage: String,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args)]
+struct DataStatsArgs {
+    /// A run's output directory, or a token shard / directory of shards.
+    path: PathBuf,
+}
+
+#[derive(Args)]
+struct DataSlurmArgs {
+    pipeline: PathBuf,
+    /// Number of slices (array elements) per stage.
+    #[arg(long)]
+    tasks: usize,
+    /// Where to write the scripts.
+    #[arg(long, default_value = "slurm")]
+    out: PathBuf,
+    /// The hromada binary as the cluster nodes see it (default: this one).
+    #[arg(long)]
+    binary: Option<String>,
+    #[arg(long)]
+    partition: Option<String>,
+    #[arg(long, default_value_t = 4)]
+    cpus_per_task: usize,
+    #[arg(long, default_value = "8G")]
+    mem: String,
+    #[arg(long, default_value = "04:00:00")]
+    time: String,
+    /// Extra #SBATCH lines, e.g. --sbatch "--account=nlp".
+    #[arg(long = "sbatch")]
+    extra: Vec<String>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Args)]
@@ -160,6 +222,28 @@ enum BenchCmd {
     Generate(BenchGenerateArgs),
     /// Load-test any OpenAI-compatible server (vLLM's metrics: TTFT, TPOT, ITL, E2EL).
     Serve(BenchServeArgs),
+    /// The data pipeline's full chain on real corpora: docs/s and MB/s per core.
+    Data(BenchDataArgs),
+}
+
+#[derive(Args)]
+struct BenchDataArgs {
+    /// Input directories or files (default: brown-uk and the legal acts in ../shared/data).
+    #[arg(long)]
+    input: Vec<PathBuf>,
+    /// Threads (the figures are per core).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Also run datatrove's equivalent pipeline with this Python (a venv with datatrove).
+    #[arg(long)]
+    datatrove_python: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    /// Working directory for outputs (default: a temporary directory).
+    #[arg(long)]
+    work: Option<PathBuf>,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -248,6 +332,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Serve(a) => serve(a),
         Cmd::Bench(BenchCmd::Generate(a)) => bench_generate(a),
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve(a),
+        Cmd::Bench(BenchCmd::Data(a)) => bench_data(a),
+        Cmd::Data(DataCmd::Run(a)) => data_run(a),
+        Cmd::Data(DataCmd::Stats(a)) => data_stats(a),
+        Cmd::Data(DataCmd::Slurm(a)) => data_slurm(a),
     }
 }
 
@@ -401,6 +489,144 @@ fn bench_generate(a: BenchGenerateArgs) -> Result<()> {
         let v = serde_json::json!({"model": a.model.model, "dtype": a.model.dtype, "threads": threads,
             "hromada": ours, "llama_cpp": theirs});
         std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let (i, n) = s.split_once('/').context("--shard must be i/N, e.g. 0/4")?;
+    let i: usize = i.trim().parse().context("--shard: i is not a number")?;
+    let n: usize = n.trim().parse().context("--shard: N is not a number")?;
+    if n == 0 || i >= n {
+        bail!("--shard {s}: need 0 <= i < N");
+    }
+    Ok((i, n))
+}
+
+fn data_run(a: DataRunArgs) -> Result<()> {
+    let cfg = hromada_data::PipelineConfig::load(&a.pipeline, &a.set)?;
+    eprintln!("# effective pipeline\n{}", cfg.to_yaml());
+    let opts = hromada_data::exec::RunOptions {
+        shard: a.shard.as_deref().map(parse_shard).transpose()?,
+        stage: a.stage.parse().map_err(anyhow::Error::msg)?,
+        progress: !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let stats = hromada_data::exec::run(&cfg, &opts)?;
+    print_stats(&stats);
+    if cfg.output.path.join("stats.json").exists() && opts.shard.is_none() {
+        println!("stats: {}", cfg.output.path.join("stats.json").display());
+        if cfg.output.report {
+            println!("report: {}", cfg.output.path.join("report.html").display());
+        }
+    }
+    Ok(())
+}
+
+fn print_stats(s: &hromada_data::RunStats) {
+    println!(
+        "documents: {} in, {} out, {} dropped ({} files, {:.1} MB, {:.1} s){}",
+        s.docs_in,
+        s.docs_out,
+        s.dropped_total(),
+        s.files,
+        s.bytes_read as f64 / 1e6,
+        s.elapsed_s,
+        if s.balanced() { "" } else { " [NOT BALANCED]" }
+    );
+    for st in &s.steps {
+        let reasons: Vec<String> = st.dropped.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "  {:<12} in {:>9}  kept {:>9}  modified {:>9}  dropped {:>9}  {}",
+            st.name,
+            st.docs_in,
+            st.kept,
+            st.modified,
+            st.dropped_total(),
+            reasons.join(" ")
+        );
+        let counters: Vec<String> = st.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if !counters.is_empty() {
+            println!("  {:<12} {}", "", counters.join(" "));
+        }
+    }
+    if s.problems_total > 0 {
+        println!("problems: {} (first: {})", s.problems_total, s.problems.first().map(|p| format!("{}:{} {} {}", p.file, p.line, p.kind, p.message)).unwrap_or_default());
+    }
+}
+
+fn data_stats(a: DataStatsArgs) -> Result<()> {
+    let stats_path = a.path.join("stats.json");
+    if stats_path.exists() {
+        let bytes = std::fs::read(&stats_path).with_context(|| format!("reading {}", stats_path.display()))?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", stats_path.display()))?;
+        let stats: hromada_data::RunStats = serde_json::from_value(v.clone()).with_context(|| format!("{} is not a stats file", stats_path.display()))?;
+        print_stats(&stats);
+        if let Some(cfg) = v.get("config").and_then(|c| serde_json::from_value::<hromada_data::PipelineConfig>(c.clone()).ok()) {
+            let html = hromada_data::report::html(&stats, &cfg);
+            let out = a.path.join("report.html");
+            std::fs::write(&out, html).with_context(|| format!("writing {}", out.display()))?;
+            println!("report: {}", out.display());
+        }
+    }
+    let shard_dir = if a.path.join("tokens").is_dir() { a.path.join("tokens") } else { a.path.clone() };
+    if shard_dir.is_file() || shard_dir.join("00000.bin").exists() || shard_dir.extension().is_some_and(|e| e == "bin") {
+        let (mut docs, mut tokens, mut sha) = (0u64, 0u64, std::collections::BTreeSet::new());
+        let shards = hromada_data::shards::list_shards(&shard_dir)?;
+        for p in &shards {
+            let s = hromada_data::shards::TokenShard::open(p)?;
+            docs += s.num_docs;
+            tokens += s.num_tokens;
+            sha.insert(s.tokenizer_sha256_hex());
+        }
+        println!("token shards: {} files, {docs} documents, {tokens} tokens, tokenizer sha256 {}", shards.len(), sha.into_iter().collect::<Vec<_>>().join(", "));
+    } else if !stats_path.exists() {
+        bail!("{}: neither a run directory (stats.json) nor token shards", a.path.display());
+    }
+    Ok(())
+}
+
+fn data_slurm(a: DataSlurmArgs) -> Result<()> {
+    let cfg = hromada_data::PipelineConfig::load(&a.pipeline, &a.set)?;
+    let binary = match a.binary {
+        Some(b) => b,
+        None => std::env::current_exe()?.to_string_lossy().to_string(),
+    };
+    let opts = hromada_data::slurm::SlurmOptions {
+        tasks: a.tasks,
+        binary,
+        partition: a.partition,
+        cpus_per_task: a.cpus_per_task,
+        mem: a.mem,
+        time: a.time,
+        extra: a.extra,
+    };
+    let paths = hromada_data::slurm::write_scripts(&a.pipeline, &cfg, &opts, &a.out)?;
+    for p in &paths {
+        println!("{}", p.display());
+    }
+    if cfg.tasks.is_some_and(|t| t < a.tasks) {
+        eprintln!("note: the pipeline has tasks: {:?} < --tasks {}; some array elements will have no work (set tasks: in the pipeline to at least --tasks)", cfg.tasks, a.tasks);
+    }
+    Ok(())
+}
+
+fn bench_data(a: BenchDataArgs) -> Result<()> {
+    let inputs = if a.input.is_empty() {
+        vec![PathBuf::from("../shared/data/uk/brown-uk/data/good"), PathBuf::from("../shared/data/uk/laws/seed")]
+    } else {
+        a.input.clone()
+    };
+    let cfg = hromada_data::bench::BenchConfig {
+        inputs,
+        threads: a.threads,
+        datatrove_python: a.datatrove_python.clone(),
+        reps: a.reps,
+        work: a.work.clone(),
+    };
+    let report = hromada_data::bench::run_bench(&cfg)?;
+    println!("{}", report.markdown());
+    if let Some(p) = a.json {
+        std::fs::write(&p, serde_json::to_string_pretty(&report.json())?).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }

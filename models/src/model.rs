@@ -380,3 +380,36 @@ fn hf_chat_template(dir: &Path) -> Result<Option<String>> {
     }
     Ok(None)
 }
+
+/// Load only the tokenizer of a model (a path, short name or cached Hub repo id): from a
+/// GGUF file's metadata, or a directory's tokenizer.json with the EOS/BOS ids of its
+/// config.json and generation_config.json. No weights are read.
+pub fn load_tokenizer(name_or_path: &str) -> Result<Tokenizer> {
+    let path = resolve(name_or_path)?;
+    if !path.is_dir() {
+        let g = GgufFile::open(&path)?;
+        return Tokenizer::from_gguf(&g);
+    }
+    let cfg_path = path.join("config.json");
+    let (mut eos, bos) = if cfg_path.exists() {
+        let hf = read_json(&cfg_path)?;
+        let ids = |v: Option<&serde_json::Value>| -> Vec<u32> {
+            match v {
+                Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                _ => Vec::new(),
+            }
+        };
+        (ids(hf.get("eos_token_id")), ids(hf.get("bos_token_id")).first().copied())
+    } else {
+        (Vec::new(), None)
+    };
+    if let Some(gc) = GenerationConfig::from_file(&path.join("generation_config.json"))? {
+        for e in gc.eos_token_id {
+            if !eos.contains(&e) {
+                eos.push(e);
+            }
+        }
+    }
+    Tokenizer::from_dir(&path, &eos, bos)
+}
