@@ -87,8 +87,8 @@ struct DataSlurmArgs {
     mem: String,
     #[arg(long, default_value = "04:00:00")]
     time: String,
-    /// Extra #SBATCH lines, e.g. --sbatch "--account=nlp".
-    #[arg(long = "sbatch")]
+    /// Extra #SBATCH lines, e.g. --sbatch=--account=nlp.
+    #[arg(long = "sbatch", allow_hyphen_values = true)]
     extra: Vec<String>,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,

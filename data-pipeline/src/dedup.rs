@@ -31,13 +31,16 @@ pub struct DedupConfig {
     pub bands: usize,
     pub rows: usize,
     pub seed: u64,
-    /// Keep a candidate pair only if the MinHash Jaccard estimate reaches this.
+    /// Keep a candidate pair only if the MinHash Jaccard estimate (the share of equal
+    /// hash values over all `bands * rows`) reaches this. The default, 0.7, is about
+    /// where 14x8 bands are designed to switch ((1/14)^(1/8) = 0.72): candidates far
+    /// below it are LSH false positives (datatrove keeps them; `null` does the same).
     pub min_similarity: Option<f64>,
 }
 
 impl Default for DedupConfig {
     fn default() -> Self {
-        Self { exact: true, near: true, ngram: 5, bands: 14, rows: 8, seed: 1, min_similarity: None }
+        Self { exact: true, near: true, ngram: 5, bands: 14, rows: 8, seed: 1, min_similarity: Some(0.7) }
     }
 }
 

@@ -24,10 +24,10 @@
 //! letters stays inside the word ("будь-який", "ІТ-технологій", "рок-н-рол" are one word;
 //! spaCy makes three tokens of each, so such texts have fewer tokens here and a slightly
 //! higher share of alphabetic words; `split_hyphenated_words: true` restores spaCy's
-//! split). Like spaCy, apostrophes (', ’, ʼ) inside a word
-//! stay, "2016-й" is one token and "27-28" three. Smaller known differences: spaCy's URL
-//! matcher (we keep only `scheme://...` and `www....` whole), emoticons merged across
-//! tokens ("1):"), and the exact set of symbols counted as icons.
+//! split). Like spaCy, apostrophes (', ’, ʼ) inside a word stay, "2016-й" is one token
+//! and "27-28" three. Smaller known differences: spaCy's URL matcher (we keep only
+//! `scheme://...` and `www....` whole), emoticons merged across more than two tokens,
+//! and the exact set of symbols counted as icons.
 //!
 //! Repeated n-grams are compared by the sequence of word ids (datatrove joins the words
 //! without a separator for `duplicated_*_n_grams`, so "ab c" and "a bc" would match there
@@ -197,7 +197,11 @@ impl Quality {
             cfg: cfg.clone(),
             stop_words: cfg.stop_words.iter().cloned().collect(),
             top_reasons: cfg.top_n_grams.iter().map(|(n, _)| format!("top_{n}_gram")).collect(),
-            dup_reasons: cfg.dup_n_grams.iter().map(|(n, _)| format!("duplicated_{n}_n_grams")).collect(),
+            dup_reasons: cfg
+                .dup_n_grams
+                .iter()
+                .map(|(n, _)| format!("duplicated_{n}_n_grams"))
+                .collect(),
         }
     }
 
@@ -237,9 +241,19 @@ impl Quality {
             fw_lines: &fw_lines,
             punct_lines,
         };
-        let reason = (if self.cfg.gopher_repetition { self.repetition(&ctx) } else { None })
-            .or_else(|| if self.cfg.fineweb { self.fineweb(&ctx) } else { None })
-            .or_else(|| if self.cfg.gopher_quality { self.gopher_quality(&ctx) } else { None });
+        let reason = (if self.cfg.gopher_repetition {
+            self.repetition(&ctx)
+        } else {
+            None
+        })
+        .or_else(|| if self.cfg.fineweb { self.fineweb(&ctx) } else { None })
+        .or_else(|| {
+            if self.cfg.gopher_quality {
+                self.gopher_quality(&ctx)
+            } else {
+                None
+            }
+        });
         match reason {
             None => Ok(feats),
             Some(r) => Err((r, feats)),
@@ -290,7 +304,11 @@ impl Quality {
         for (i, &(n, frac)) in cfg.dup_n_grams.iter().enumerate() {
             // Stop counting as soon as the document is over the limit.
             let limit = (frac * c.text_chars as f64).floor();
-            let limit = if limit.is_finite() && limit >= 0.0 { limit as usize } else { usize::MAX };
+            let limit = if limit.is_finite() && limit >= 0.0 {
+                limit as usize
+            } else {
+                usize::MAX
+            };
             let chars = dup_ngram_chars(c.words, n, limit, &mut seen);
             if ratio(chars, c.text_chars) > frac {
                 return Some(self.dup_reasons[i].clone());
@@ -475,7 +493,8 @@ struct Uniq<'a> {
 
 impl<'a> Words<'a> {
     fn new(text: &'a str, split_hyphens: bool) -> Self {
-        let mut index: HashMap<&'a str, u32, FxBuild> = HashMap::with_capacity_and_hasher(text.len() / 64, Default::default());
+        let mut index: HashMap<&'a str, u32, FxBuild> =
+            HashMap::with_capacity_and_hasher(text.len() / 64, Default::default());
         let mut uniq: Vec<Uniq<'a>> = Vec::new();
         let mut ids = Vec::with_capacity(text.len() / 6);
         for_each_token(text, split_hyphens, |t| {
@@ -527,23 +546,24 @@ pub fn split_words_with(text: &str, split_hyphens: bool) -> Vec<&str> {
 }
 
 /// Whole tokens that are never split: the keys of spaCy's `uk` tokenizer exceptions
-/// (abbreviations, single letters with a period, emoticons), generated from spaCy 3.8 and
-/// ("°C." and the like are handled in `split_chunk`).
+/// (abbreviations, single letters with a period, emoticons), generated from spaCy 3.8;
+/// "°C." and the like are handled in `split_chunk`.
+#[rustfmt::skip]
 const SPECIALS: &[&str] = &[
     "'", "''", "(*_*)", "(-8", "(-:", "(-;", "(-_-)", "(._.)", "(:", "(;", "(=", "(>_<)", "(^_^)", "(o:",
     "(¬_¬)", "(ಠ_ಠ)", "(╯°□°）╯︵┻━┻", ")-:", "):", "-_-", "-__-", "._.", "0.0", "0.o", "0_0", "0_o", "8)",
     "8-)", "8-D", "8D", ":'(", ":')", ":'-(", ":'-)", ":(", ":((", ":(((", ":()", ":)", ":))", ":)))", ":*",
     ":-(", ":-((", ":-(((", ":-)", ":-))", ":-)))", ":-*", ":-/", ":-0", ":-3", ":->", ":-D", ":-O", ":-P",
     ":-X", ":-]", ":-o", ":-p", ":-x", ":-|", ":-}", ":/", ":0", ":1", ":3", ":>", ":D", ":O", ":P", ":X",
-    ":]", ":o", ":o)", ":p", ":x", ":|", ":}", ":’(", ":’)", ":’-(", ":’-)", ";)", ";-)", ";-D", ";D",
-    ";_;", "<.<", "</3", "<3", "<33", "<333", "<space>", "=(", "=)", "=/", "=3", "=D", "=[", "=]", "=|",
-    ">.<", ">.>", ">:(", ">:o", "><(((*>", "@_@", "C++", "O.O", "O.o", "O_O", "O_o", "V.V", "V_V", "XD",
-    "XDD", "[-:", "[:", "[=", "\\\")", "\\n", "\\t", "]=", "^_^", "^__^", "^___^", "a.", "b.", "c.", "d.",
-    "e.", "f.", "g.", "h.", "i.", "j.", "k.", "l.", "m.", "n.", "o.", "o.0", "o.O", "o.o", "o_0", "o_O",
-    "o_o", "p.", "q.", "r.", "s.", "t.", "u.", "v.", "v.v", "v_v", "w.", "x.", "xD", "xDD", "y.", "z.",
-    "¯\\(ツ)/¯", "ä.", "ö.", "ü.", "акад.", "бул.", "в/м", "в/ч", "вул.", "г.", "доц.", "ж/м", "м.", "майд.",
-    "мкр.", "наб.", "обл.", "оз.", "п.", "пл.", "пр-кт", "пров.", "просп.", "проф.", "р-н", "р-н.", "ст.",
-    "ім.", "ಠ_ಠ", "ಠ︵ಠ", "—", "’", "’’",
+    ":]", ":o", ":o)", ":p", ":x", ":|", ":}", ":’(", ":’)", ":’-(", ":’-)", ";)", ";-)", ";-D", ";D", ";_;",
+    "<.<", "</3", "<3", "<33", "<333", "<space>", "=(", "=)", "=/", "=3", "=D", "=[", "=]", "=|", ">.<",
+    ">.>", ">:(", ">:o", "><(((*>", "@_@", "C++", "O.O", "O.o", "O_O", "O_o", "V.V", "V_V", "XD", "XDD",
+    "[-:", "[:", "[=", "\\\")", "\\n", "\\t", "]=", "^_^", "^__^", "^___^", "a.", "b.", "c.", "d.", "e.",
+    "f.", "g.", "h.", "i.", "j.", "k.", "l.", "m.", "n.", "o.", "o.0", "o.O", "o.o", "o_0", "o_O", "o_o",
+    "p.", "q.", "r.", "s.", "t.", "u.", "v.", "v.v", "v_v", "w.", "x.", "xD", "xDD", "y.", "z.", "¯\\(ツ)/¯",
+    "ä.", "ö.", "ü.", "акад.", "бул.", "в/м", "в/ч", "вул.", "г.", "доц.", "ж/м", "м.", "майд.", "мкр.",
+    "наб.", "обл.", "оз.", "п.", "пл.", "пр-кт", "пров.", "просп.", "проф.", "р-н", "р-н.", "ст.", "ім.",
+    "ಠ_ಠ", "ಠ︵ಠ", "—", "’", "’’",
 ];
 
 fn is_special(s: &str) -> bool {
@@ -555,12 +575,13 @@ fn is_special(s: &str) -> bool {
 }
 
 /// spaCy's units, split off a number they follow ("5км" -> "5", "км").
+#[rustfmt::skip]
 const UNITS: &[&str] = &[
-    "km", "km²", "km³", "m", "m²", "m³", "dm", "dm²", "dm³", "cm", "cm²", "cm³", "mm", "mm²", "mm³", "ha", "µm",
-    "nm", "yd", "in", "ft", "kg", "g", "mg", "µg", "t", "lb", "oz", "m/s", "km/h", "kmh", "mph", "hPa", "Pa",
-    "mbar", "mb", "MB", "kb", "KB", "gb", "GB", "tb", "TB", "T", "G", "M", "K", "км", "км²", "км³", "м", "м²",
-    "м³", "дм", "дм²", "дм³", "см", "см²", "см³", "мм", "мм²", "мм³", "нм", "кг", "г", "мг", "м/с", "км/ч",
-    "кПа", "Па", "мбар", "Кб", "КБ", "кб", "Мб", "МБ", "мб", "Гб", "ГБ", "гб", "Тб", "ТБ", "тб",
+    "km", "km²", "km³", "m", "m²", "m³", "dm", "dm²", "dm³", "cm", "cm²", "cm³", "mm", "mm²", "mm³", "ha",
+    "µm", "nm", "yd", "in", "ft", "kg", "g", "mg", "µg", "t", "lb", "oz", "m/s", "km/h", "kmh", "mph", "hPa",
+    "Pa", "mbar", "mb", "MB", "kb", "KB", "gb", "GB", "tb", "TB", "T", "G", "M", "K", "км", "км²", "км³", "м",
+    "м²", "м³", "дм", "дм²", "дм³", "см", "см²", "см³", "мм", "мм²", "мм³", "нм", "кг", "г", "мг", "м/с",
+    "км/ч", "кПа", "Па", "мбар", "Кб", "КБ", "кб", "Мб", "МБ", "мб", "Гб", "ГБ", "гб", "Тб", "ТБ", "тб",
 ];
 
 /// The length of the longest unit that ends `core` right after a digit.
@@ -572,10 +593,12 @@ fn unit_suffix_len(core: &str) -> usize {
     }
     let mut best = 0;
     for u in UNITS {
-        if u.len() > best && core.len() > u.len() && core.ends_with(u) {
-            if core[..core.len() - u.len()].ends_with(|c: char| c.is_ascii_digit()) {
-                best = u.len();
-            }
+        if u.len() > best
+            && core.len() > u.len()
+            && core.ends_with(u)
+            && core[..core.len() - u.len()].ends_with(|c: char| c.is_ascii_digit())
+        {
+            best = u.len();
         }
     }
     best
@@ -710,6 +733,7 @@ fn split_chunk<'a>(chunk: &'a str, split_hyphens: bool, emit: &mut impl FnMut(&'
 }
 
 /// spaCy's `LIST_PUNCT` and `LIST_QUOTES` (single characters): peeled off both ends.
+#[rustfmt::skip]
 fn is_affix_punct(c: char) -> bool {
     matches!(
         c,
@@ -776,7 +800,11 @@ fn infix_len(prev: Option<char>, c: char, next: Option<char>, rest: &str, split_
         '-' if n == '-' && p.is_alphabetic() => {
             // "--" between letters is a dash
             let run = rest.bytes().take_while(|&b| b == b'-').count();
-            return if rest[run..].chars().next().is_some_and(char::is_alphabetic) { run } else { 0 };
+            return if rest[run..].chars().next().is_some_and(char::is_alphabetic) {
+                run
+            } else {
+                0
+            };
         }
         '-' if split_hyphens && p.is_alphabetic() && n.is_alphabetic() => true,
         // a range of numbers, "27-28", is three tokens (as spaCy)
@@ -824,7 +852,10 @@ fn for_each_py_line<'a>(text: &'a str, mut f: impl FnMut(&'a str)) {
     let mut start = 0;
     let mut it = text.char_indices().peekable();
     while let Some((i, c)) = it.next() {
-        if matches!(c, '\n' | '\r' | '\u{b}' | '\u{c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}' | '\u{2028}' | '\u{2029}') {
+        if matches!(
+            c,
+            '\n' | '\r' | '\u{b}' | '\u{c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}' | '\u{2028}' | '\u{2029}'
+        ) {
             f(&text[start..i]);
             let mut end = i + c.len_utf8();
             if c == '\r' && it.peek().is_some_and(|&(_, d)| d == '\n') {
@@ -1036,6 +1067,7 @@ fn is_punctuation(c: char) -> bool {
     PUNCTUATION_SET.binary_search(&c).is_ok()
 }
 
+#[rustfmt::skip]
 const TERMINAL_PUNCTUATION: &[char] = &[
     '\u{21}', '\u{2e}', '\u{3f}', '\u{589}', '\u{61d}', '\u{61e}', '\u{61f}', '\u{6d4}',
     '\u{700}', '\u{701}', '\u{702}', '\u{7f9}', '\u{837}', '\u{839}', '\u{83d}', '\u{83e}',
@@ -1062,6 +1094,7 @@ const TERMINAL_PUNCTUATION: &[char] = &[
     '\u{16e98}', '\u{1bc9f}', '\u{1da88}',
 ];
 
+#[rustfmt::skip]
 const PUNCTUATION_SET: &[char] = &[
     '\u{0}', '\u{1}', '\u{2}', '\u{3}', '\u{4}', '\u{5}', '\u{6}', '\u{7}', '\u{8}', '\u{b}',
     '\u{c}', '\u{d}', '\u{e}', '\u{f}', '\u{10}', '\u{11}', '\u{12}', '\u{13}', '\u{14}',
@@ -1151,20 +1184,104 @@ mod tests {
         assert_eq!(
             split_words("Пам'ять, пам’ять і пʼять: будь-який ІТ-фахівець (2016-й) «тест»... Ну!!"),
             vec![
-                "Пам'ять", ",", "пам’ять", "і", "пʼять", ":", "будь-який", "ІТ-фахівець", "(", "2016-й", ")", "«",
-                "тест", "»", "...", "Ну", "!", "!"
+                "Пам'ять",
+                ",",
+                "пам’ять",
+                "і",
+                "пʼять",
+                ":",
+                "будь-який",
+                "ІТ-фахівець",
+                "(",
+                "2016-й",
+                ")",
+                "«",
+                "тест",
+                "»",
+                "...",
+                "Ну",
+                "!",
+                "!"
             ]
         );
-        assert_eq!(split_words("т.д. США. Т. Шевченко, вул. Хрещатик"), vec!["т.д", ".", "США", ".", "Т.", "Шевченко", ",", "вул.", "Хрещатик"]);
+        assert_eq!(
+            split_words("т.д. США. Т. Шевченко, вул. Хрещатик"),
+            vec!["т.д", ".", "США", ".", "Т.", "Шевченко", ",", "вул.", "Хрещатик"]
+        );
         assert_eq!(
             split_words("кінця.Початок a,b x/y 1,5 10:30 2+2 27-28 1990-х"),
-            vec!["кінця", ".", "Початок", "a", ",", "b", "x", "/", "y", "1,5", "10:30", "2", "+", "2", "27", "-", "28", "1990-х"]
+            vec![
+                "кінця",
+                ".",
+                "Початок",
+                "a",
+                ",",
+                "b",
+                "x",
+                "/",
+                "y",
+                "1,5",
+                "10:30",
+                "2",
+                "+",
+                "2",
+                "27",
+                "-",
+                "28",
+                "1990-х"
+            ]
         );
-        assert_eq!(split_words("див. https://site.com/a/b. і слово…далі"), vec!["див", ".", "https://site.com/a/b", ".", "і", "слово", "…", "далі"]);
-        assert_eq!(split_words("#тег @user +380 слово—слово соба\u{301}ка"), vec!["#", "тег", "@user", "+380", "слово", "—", "слово", "соба\u{301}ка"]);
+        assert_eq!(
+            split_words("див. https://site.com/a/b. і слово…далі"),
+            vec!["див", ".", "https://site.com/a/b", ".", "і", "слово", "…", "далі"]
+        );
+        assert_eq!(
+            split_words("#тег @user +380 слово—слово соба\u{301}ка"),
+            vec!["#", "тег", "@user", "+380", "слово", "—", "слово", "соба\u{301}ка"]
+        );
         assert!(split_words(" \n\t ").is_empty());
-        assert_eq!(split_words_with("будь-який 27-28 2016-й", true), vec!["будь", "-", "який", "27", "-", "28", "2016-й"]);
-        assert_eq!(split_words("°C. 5км 8) (ст.", ), vec!["°", "C", ".", "5", "км", "8)", "(", "ст."]);
+        assert_eq!(
+            split_words_with("будь-який 27-28 2016-й", true),
+            vec!["будь", "-", "який", "27", "-", "28", "2016-й"]
+        );
+        assert_eq!(
+            split_words("°C. 5км 8) (ст.",),
+            vec!["°", "C", ".", "5", "км", "8)", "(", "ст."]
+        );
+    }
+
+    /// Tokens are non-empty, in order, free of whitespace, and together they are exactly
+    /// the text without its whitespace; random tricky text never panics.
+    #[test]
+    fn tokens_cover_the_text() {
+        let alphabet: Vec<char> = "аб вгґ'’ʼ-–—.…,;:!?()«»\"#@+%°C5км/\n\r\t\u{301}\u{a0}😀№|*_=<>$€ІЇ"
+            .chars()
+            .collect();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let q = Quality::new(&QualityConfig::default());
+        for round in 0..3000 {
+            let len = (rnd() % 40) as usize;
+            let text: String = (0..len)
+                .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
+                .collect();
+            for split in [false, true] {
+                let toks = split_words_with(&text, split);
+                assert!(
+                    toks.iter().all(|t| !t.is_empty() && !t.chars().any(py_isspace)),
+                    "{text:?} {toks:?}"
+                );
+                let joined: String = toks.concat();
+                let expected: String = text.chars().filter(|c| !py_isspace(*c)).collect();
+                assert_eq!(joined, expected, "round {round}: {text:?} -> {toks:?}");
+            }
+            let _ = q.check(&text);
+        }
     }
 
     #[test]
@@ -1210,7 +1327,10 @@ mod tests {
     fn dup_para_frac() {
         let l = lines();
         let p2 = l[2..5].join("\n");
-        drops(&format!("{}\n\n{p2}\n\n{p2}\n\n{p2}", l[..2].join("\n")), "dup_para_frac");
+        drops(
+            &format!("{}\n\n{p2}\n\n{p2}\n\n{p2}", l[..2].join("\n")),
+            "dup_para_frac",
+        );
     }
 
     #[test]
@@ -1240,8 +1360,14 @@ mod tests {
     fn top_n_grams() {
         let rep = |unit: &str, k: usize| vec![unit; k].join(", ");
         drops(&format!("{GOOD}\nІ ще раз: {}.", rep("дуже добре", 10)), "top_2_gram");
-        drops(&format!("{GOOD}\nІ ще раз: {}.", rep("і в найрізноманітніших", 6)), "top_3_gram");
-        drops(&format!("{GOOD}\nІ ще раз: {}.", rep("і в у найнеймовірніших обставинах", 6)), "top_4_gram");
+        drops(
+            &format!("{GOOD}\nІ ще раз: {}.", rep("і в найрізноманітніших", 6)),
+            "top_3_gram",
+        );
+        drops(
+            &format!("{GOOD}\nІ ще раз: {}.", rep("і в у найнеймовірніших обставинах", 6)),
+            "top_4_gram",
+        );
     }
 
     #[test]
@@ -1250,7 +1376,10 @@ mod tests {
         let text = format!("{}\n{s}; {s}; {s}.", lines()[..3].join("\n"));
         drops(&text, "duplicated_5_n_grams");
         // each n has its own threshold
-        let cfg = QualityConfig { dup_n_grams: vec![(5, 0.9), (10, 0.01)], ..Default::default() };
+        let cfg = QualityConfig {
+            dup_n_grams: vec![(5, 0.9), (10, 0.01)],
+            ..Default::default()
+        };
         assert_eq!(reason_with(&cfg, &text).as_deref(), Some("duplicated_10_n_grams"));
     }
 
@@ -1258,9 +1387,22 @@ mod tests {
 
     #[test]
     fn line_punct_ratio() {
-        let text: Vec<String> = lines().iter().enumerate().map(|(i, l)| if i < 6 { l.trim_end_matches('.').to_string() } else { l.to_string() }).collect();
+        let text: Vec<String> = lines()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                if i < 6 {
+                    l.trim_end_matches('.').to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
         drops(&text.join("\n"), "line_punct_ratio");
-        let cfg = QualityConfig { line_punct_exclude_zero: true, ..Default::default() };
+        let cfg = QualityConfig {
+            line_punct_exclude_zero: true,
+            ..Default::default()
+        };
         let none: Vec<&str> = lines().iter().map(|l| l.trim_end_matches('.')).collect();
         assert_ne!(reason_with(&cfg, &none.join("\n")).as_deref(), Some("line_punct_ratio"));
     }
@@ -1268,9 +1410,24 @@ mod tests {
     #[test]
     fn short_line_ratio() {
         let shorts = [
-            "Так і є.", "Це правда.", "Ми знаємо.", "Вони теж.", "Ось так.", "Добре!", "Чому ні?", "Саме тому.",
-            "Отже, вперед.", "Не зовсім.", "Ще раз.", "Слушно.", "Авжеж.", "Можливо.", "Побачимо.", "Гаразд.",
-            "Звісно.", "Чудово.",
+            "Так і є.",
+            "Це правда.",
+            "Ми знаємо.",
+            "Вони теж.",
+            "Ось так.",
+            "Добре!",
+            "Чому ні?",
+            "Саме тому.",
+            "Отже, вперед.",
+            "Не зовсім.",
+            "Ще раз.",
+            "Слушно.",
+            "Авжеж.",
+            "Можливо.",
+            "Побачимо.",
+            "Гаразд.",
+            "Звісно.",
+            "Чудово.",
         ];
         let mut out = vec![];
         for (i, l) in lines().iter().enumerate() {
@@ -1296,12 +1453,24 @@ mod tests {
 
     #[test]
     fn gopher_short_and_long_doc() {
-        let cfg = QualityConfig { gopher_repetition: false, ..Default::default() };
-        assert_eq!(reason_with(&cfg, &lines()[..3].join("\n")).as_deref(), Some("gopher_short_doc"));
-        let cfg = QualityConfig { max_doc_words: Some(60), ..Default::default() };
+        let cfg = QualityConfig {
+            gopher_repetition: false,
+            ..Default::default()
+        };
+        assert_eq!(
+            reason_with(&cfg, &lines()[..3].join("\n")).as_deref(),
+            Some("gopher_short_doc")
+        );
+        let cfg = QualityConfig {
+            max_doc_words: Some(60),
+            ..Default::default()
+        };
         assert_eq!(reason_with(&cfg, GOOD).as_deref(), Some("gopher_long_doc"));
         // punctuation does not count as words
-        let cfg = QualityConfig { min_doc_words: Some(105), ..Default::default() };
+        let cfg = QualityConfig {
+            min_doc_words: Some(105),
+            ..Default::default()
+        };
         let f = Quality::new(&QualityConfig::default()).check(GOOD).unwrap();
         assert!(f.tokens >= 105 && f.words < 105, "{f:?}");
         assert_eq!(reason_with(&cfg, GOOD).as_deref(), Some("gopher_short_doc"));
@@ -1310,9 +1479,18 @@ mod tests {
     #[test]
     fn gopher_avg_word_length() {
         let long: Vec<String> = lines().iter().map(|l| l.replace(' ', "ння ")).collect();
-        let cfg = QualityConfig { max_avg_word_length: Some(8.0), ..Default::default() };
-        assert_eq!(reason_with(&cfg, &long.join("\n")).as_deref(), Some("gopher_above_avg_threshold"));
-        let cfg = QualityConfig { min_avg_word_length: Some(7.5), ..Default::default() };
+        let cfg = QualityConfig {
+            max_avg_word_length: Some(8.0),
+            ..Default::default()
+        };
+        assert_eq!(
+            reason_with(&cfg, &long.join("\n")).as_deref(),
+            Some("gopher_above_avg_threshold")
+        );
+        let cfg = QualityConfig {
+            min_avg_word_length: Some(7.5),
+            ..Default::default()
+        };
         assert_eq!(reason_with(&cfg, GOOD).as_deref(), Some("gopher_below_avg_threshold"));
         // a text of very short words
         let short = "Ой ти та я, і ми з ним на сі ні, бо є ще він і во но.
@@ -1321,7 +1499,10 @@ mod tests {
 Чи ж він є чи ні, а ми з вами ще по два на три та й ну.
 Як ні, то й ні; як є, то є, бо ж ви ще ті, що на ті йдуть.
 А ще ми ж є у двох, і в трьох, і з ним та й по ньому йде.";
-        let cfg = QualityConfig { gopher_repetition: false, ..Default::default() };
+        let cfg = QualityConfig {
+            gopher_repetition: false,
+            ..Default::default()
+        };
         assert_eq!(reason_with(&cfg, short).as_deref(), Some("gopher_below_avg_threshold"));
     }
 
@@ -1330,7 +1511,12 @@ mod tests {
         let tags: Vec<String> = (0..16).map(|i| format!("#тег{i}")).collect();
         drops(&format!("{GOOD}\nТеги: {}.", tags.join(" ")), "gopher_too_many_hashes");
         let l = lines();
-        let text = format!("{}\n{}\n{}", l[0].replace(' ', "... "), l[1].replace(' ', "... "), l[2..].join("\n"));
+        let text = format!(
+            "{}\n{}\n{}",
+            l[0].replace(' ', "... "),
+            l[1].replace(' ', "... "),
+            l[2..].join("\n")
+        );
         drops(&text, "gopher_too_many_ellipsis");
     }
 
@@ -1338,39 +1524,78 @@ mod tests {
     fn gopher_bullets_and_end_ellipsis() {
         let bullets: Vec<String> = lines().iter().map(|l| format!("- {l}")).collect();
         drops(&bullets.join("\n"), "gopher_too_many_bullets");
-        let ends: Vec<String> = lines().iter().enumerate().map(|(i, l)| if i < 3 { format!("{}...", l.trim_end_matches('.')) } else { l.to_string() }).collect();
+        let ends: Vec<String> = lines()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                if i < 3 {
+                    format!("{}...", l.trim_end_matches('.'))
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
         drops(&ends.join("\n"), "gopher_too_many_end_ellipsis");
     }
 
     #[test]
     fn gopher_alpha_words() {
         let nums: Vec<String> = (0..70).map(|i| (1000 + i * 37).to_string()).collect();
-        let text = format!("{GOOD}\nНомери: {}.\nЩе номери: {}.", nums[..35].join(" "), nums[35..].join(" "));
+        let text = format!(
+            "{GOOD}\nНомери: {}.\nЩе номери: {}.",
+            nums[..35].join(" "),
+            nums[35..].join(" ")
+        );
         drops(&text, "gopher_below_alpha_threshold");
     }
 
     #[test]
     fn gopher_stop_words() {
-        let cfg = QualityConfig { stop_words: vec!["котик".into(), "песик".into()], ..Default::default() };
+        let cfg = QualityConfig {
+            stop_words: vec!["котик".into(), "песик".into()],
+            ..Default::default()
+        };
         assert_eq!(reason_with(&cfg, GOOD).as_deref(), Some("gopher_enough_stop_words"));
         // case-sensitive, as datatrove: only "У" and "В" capitalised -> not found
-        let text = GOOD.replace(" у ", " ").replace(" в ", " ").replace(" на ", " ").replace(" і ", " ")
-            .replace(" з ", " ").replace(" та ", " ").replace(" до ", " ").replace(" за ", " ").replace(" що ", " ")
-            .replace(", що", ",").replace("За ", "");
+        let text = GOOD
+            .replace(" у ", " ")
+            .replace(" в ", " ")
+            .replace(" на ", " ")
+            .replace(" і ", " ")
+            .replace(" з ", " ")
+            .replace(" та ", " ")
+            .replace(" до ", " ")
+            .replace(" за ", " ")
+            .replace(" що ", " ")
+            .replace(", що", ",")
+            .replace("За ", "");
         drops(&text, "gopher_enough_stop_words");
     }
 
     #[test]
     fn groups_and_thresholds_can_be_switched_off() {
         let text = format!("{GOOD}\n{}", lines()[4]); // char_dup_ratio
-        let cfg = QualityConfig { fineweb: false, ..Default::default() };
+        let cfg = QualityConfig {
+            fineweb: false,
+            ..Default::default()
+        };
         assert_eq!(reason_with(&cfg, &text), None);
-        let cfg = QualityConfig { gopher_repetition: false, fineweb: false, gopher_quality: false, ..Default::default() };
+        let cfg = QualityConfig {
+            gopher_repetition: false,
+            fineweb: false,
+            gopher_quality: false,
+            ..Default::default()
+        };
         assert_eq!(reason_with(&cfg, ""), None);
         // 0 disables like None, as in datatrove
         let dup = format!("{GOOD}\n{}\n{}\n{}", lines()[2], lines()[5], lines()[6]);
         assert_eq!(reason(&dup).as_deref(), Some("dup_line_char_frac"));
-        let cfg = QualityConfig { dup_line_char_frac: Some(0.0), dup_n_grams: vec![], fineweb: false, ..Default::default() };
+        let cfg = QualityConfig {
+            dup_line_char_frac: Some(0.0),
+            dup_n_grams: vec![],
+            fineweb: false,
+            ..Default::default()
+        };
         assert_eq!(reason_with(&cfg, &dup), None);
     }
 
@@ -1397,7 +1622,13 @@ mod tests {
         assert_eq!(q.apply(&mut d, &mut st), Verdict::Keep);
         let mut d = Document::new("2", "");
         assert_eq!(q.apply(&mut d, &mut st), Verdict::Drop("empty".into()));
-        for h in ["words", "mean_word_length", "dup_line_frac", "line_punct_ratio", "alpha_words_ratio"] {
+        for h in [
+            "words",
+            "mean_word_length",
+            "dup_line_frac",
+            "line_punct_ratio",
+            "alpha_words_ratio",
+        ] {
             assert_eq!(st.histograms[h].count, 2, "{h}");
         }
         assert_eq!(q.name(), "quality");
@@ -1407,9 +1638,37 @@ mod tests {
     fn never_panics_on_odd_input() {
         let q = Quality::new(&QualityConfig::default());
         let odd = [
-            "", " ", "\n", "\r\n\r\n", "...", "…", "#", "-", "•", "\u{301}", "а\u{301}", "'", "’ʼ'", "@", "+", "+1",
-            "\u{0}\u{1}\u{7f}", "\u{feff}\u{200b}", "a\u{2028}b\u{85}c", "😀😀😀", "..слово..", "слово-", "-слово",
-            "--", "а--", "a.", ".a", "Т.", "\u{10ffff}", "\u{1c}\u{1d}", "x\n\n\n\n",
+            "",
+            " ",
+            "\n",
+            "\r\n\r\n",
+            "...",
+            "…",
+            "#",
+            "-",
+            "•",
+            "\u{301}",
+            "а\u{301}",
+            "'",
+            "’ʼ'",
+            "@",
+            "+",
+            "+1",
+            "\u{0}\u{1}\u{7f}",
+            "\u{feff}\u{200b}",
+            "a\u{2028}b\u{85}c",
+            "😀😀😀",
+            "..слово..",
+            "слово-",
+            "-слово",
+            "--",
+            "а--",
+            "a.",
+            ".a",
+            "Т.",
+            "\u{10ffff}",
+            "\u{1c}\u{1d}",
+            "x\n\n\n\n",
         ];
         for t in odd {
             let _ = q.check(t);
@@ -1435,7 +1694,15 @@ mod tests {
         let mut big = GOOD.repeat(2000);
         big.push_str(&"слово ".repeat(300_000));
         let t = std::time::Instant::now();
-        let r = Quality::new(&QualityConfig { gopher_repetition: true, dup_line_frac: None, dup_para_frac: None, dup_line_char_frac: None, dup_para_char_frac: None, ..Default::default() }).check(&big);
+        let r = Quality::new(&QualityConfig {
+            gopher_repetition: true,
+            dup_line_frac: None,
+            dup_para_frac: None,
+            dup_line_char_frac: None,
+            dup_para_char_frac: None,
+            ..Default::default()
+        })
+        .check(&big);
         assert!(r.is_err());
         assert!(t.elapsed().as_secs() < 30, "{:?}", t.elapsed());
     }

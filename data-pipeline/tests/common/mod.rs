@@ -3,7 +3,10 @@ use std::path::PathBuf;
 
 /// ../shared/data from the workspace root.
 pub fn shared_data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data")
+    std::env::var("HROMADA_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
+        .join("data")
 }
 
 pub fn brown_uk() -> Vec<(String, String)> {
