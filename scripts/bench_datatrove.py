@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--tokenizer", required=True, help="path to tokenizer.json")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--no-langid", action="store_true", help="leave language ID out")
     a = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,7 +69,7 @@ def main():
         pipeline=[
             JsonlReader(src_dir, glob_pattern=src_name),
             FTFYFormatter(),
-            LambdaFilter(is_uk),
+            *([] if a.no_langid else [LambdaFilter(is_uk)]),
             GopherRepetitionFilter(dup_line_frac=0.333, top_n_grams=((2, 0.086), (3, 0.108), (4, 0.129)),
                                    dup_n_grams=((5, 0.176), (6, 0.157), (7, 0.139), (8, 0.125), (9, 0.113), (10, 0.102)), language=lang),
             GopherQualityFilter(min_avg_word_length=3, max_avg_word_length=11, max_non_alpha_words_ratio=0.694,
@@ -96,8 +97,8 @@ def main():
             JsonlReader(f"{w}/filtered"),
             MinhashDedupFilter(input_folder=f"{w}/clusters"),
             LambdaFilter(count),
-            DocumentTokenizer(output_folder=f"{w}/tokens", tokenizer_name_or_path=a.tokenizer, save_final_metadata=False),
             JsonlWriter(f"{w}/out"),
+            DocumentTokenizer(output_folder=f"{w}/tokens", tokenizer_name_or_path=a.tokenizer, save_final_metadata=False),
         ],
         tasks=1, workers=1, logging_dir=f"{w}/logs/4",
     ).run()

@@ -63,8 +63,11 @@ impl Report {
                 r.note
             ));
         }
-        if let (Some(h), Some(d)) = (self.rows.iter().find(|r| r.tool == "hromada"), self.rows.iter().find(|r| r.tool == "datatrove")) {
-            s.push_str(&format!("\nhromada / datatrove per core: {:.1}x (MB/s)\n", h.mb_per_s_core() / d.mb_per_s_core()));
+        for variant in ["full chain", "without langid"] {
+            let find = |tool: &str| self.rows.iter().find(|r| r.tool == tool && r.note.starts_with(variant));
+            if let (Some(h), Some(d)) = (find("hromada"), find("datatrove")) {
+                s.push_str(&format!("\nhromada / datatrove per core, {variant}: {:.1}x\n", h.mb_per_s_core() / d.mb_per_s_core()));
+            }
         }
         if !self.steps.is_empty() {
             s.push_str("\nhromada time per step (s, summed over threads):");
@@ -157,27 +160,33 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<Report> {
         .map_err(|e| Error::Other(e.to_string()))?;
     let mut rows = Vec::new();
     let mut steps = Vec::new();
+    let without_langid = BENCH_PIPELINE.replace("  - langid: {}\n", "");
+    for (variant, pipeline) in [("full chain", BENCH_PIPELINE), ("without langid", without_langid.as_str())] {
     let mut best: Option<(f64, u64)> = None;
     for rep in 0..cfg.reps.max(1) {
         let out = work.join(format!("out-{rep}"));
         let _ = std::fs::remove_dir_all(&out);
-        let pcfg = PipelineConfig::parse(BENCH_PIPELINE, &work.join("pipeline.yaml"), &[format!("output.path={}", out.display())])?;
+        let pcfg = PipelineConfig::parse(pipeline, &work.join("pipeline.yaml"), &[format!("output.path={}", out.display())])?;
         let t = Instant::now();
         let stats = pool.install(|| run(&pcfg, &RunOptions::default()))?;
         let secs = t.elapsed().as_secs_f64();
         if best.is_none_or(|b| secs < b.0) {
             best = Some((secs, stats.docs_out));
+            if variant == "full chain" {
             steps = stats
                 .steps
                 .iter()
                 .map(|s| (s.name.clone(), s.counters.get("time_us").copied().unwrap_or(0) as f64 / 1e6))
                 .collect();
+            }
         }
     }
     if let Some((secs, kept)) = best {
-        rows.push(Row { tool: "hromada".into(), docs, bytes, seconds: secs, kept, threads: cfg.threads.max(1), note: format!("best of {}", cfg.reps.max(1)) });
+        rows.push(Row { tool: "hromada".into(), docs, bytes, seconds: secs, kept, threads: cfg.threads.max(1), note: format!("{variant}, best of {}", cfg.reps.max(1)) });
+    }
     }
     if let Some(py) = &cfg.datatrove_python {
+      for (variant, flag) in [("full chain", None), ("without langid", Some("--no-langid"))] {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_datatrove.py");
         let tok = hromada_models::model::load_tokenizer("smollm2-135m").map_err(|e| Error::Tokenizer(e.to_string()))?;
         let tok_path = work.join("tokenizer.json");
@@ -192,6 +201,7 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<Report> {
             .arg(&tok_path)
             .arg("--workers")
             .arg(cfg.threads.max(1).to_string())
+            .args(flag)
             .output()
             .map_err(|e| Error::io(py, e))?;
         if !out.status.success() {
@@ -210,8 +220,9 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<Report> {
             seconds: v["seconds"].as_f64().unwrap_or(f64::NAN),
             kept: v["kept"].as_u64().unwrap_or(0),
             threads: cfg.threads.max(1),
-            note: v["note"].as_str().unwrap_or("").to_string(),
+            note: format!("{variant}: {}", v["note"].as_str().unwrap_or("")),
         });
+      }
     }
     if cfg.work.is_none() {
         let _ = std::fs::remove_dir_all(&work);

@@ -4,9 +4,8 @@
 //! `max_chars` characters; a document is kept when that language is in `keep` and the
 //! score reaches `threshold` (FineWeb-2's Ukrainian threshold, 0.9, by default; texts
 //! under `short_text_chars` need `short_threshold`). Every
-//! line of at least `line_min_chars` characters is also identified on its own (lingua's
-//! fast mode); the character share of such lines in another language than the document's
-//! is the mixed-language (surzhyk) signal, written to `metadata.other_language_share`
+//! line of at least `line_min_chars` characters is also identified on its own; the character share of such lines in another language than the document's
+//! is the mixed-language (surzhyk) signal (lines whose letters settle it skip lingua), written to `metadata.other_language_share`
 //! and, with `max_other_language_share`, a drop reason.
 
 use crate::error::{Error, Result};
@@ -103,10 +102,7 @@ impl LangId {
             b.with_low_accuracy_mode();
         }
         let detector = b.build();
-        let lines = LanguageDetectorBuilder::from_languages(&langs)
-            .with_preloaded_language_models()
-            .with_low_accuracy_mode()
-            .build();
+        let lines = LanguageDetectorBuilder::from_languages(&langs).with_preloaded_language_models().build();
         Ok(Self {
             cfg: cfg.clone(),
             detector,
@@ -144,6 +140,9 @@ impl LangId {
             let l = prefix_chars(l, 1000);
             let n = l.chars().count();
             total += n;
+            if letters_decide(l, lang) {
+                continue;
+            }
             if let Some(found) = self.lines.detect_language_of(l) {
                 if found != lang {
                     other += n;
@@ -151,6 +150,27 @@ impl LangId {
             }
         }
         (total > 0).then(|| other as f64 / total as f64)
+    }
+}
+
+/// True when the letters alone settle that a line is in `lang`: for Ukrainian, a letter
+/// only Ukrainian has (ї, є, ґ) and none only Russian or Belarusian has (ы, э, ъ, ё, ў);
+/// for Russian, the reverse. Lines this decides skip lingua (most lines of Ukrainian
+/// text contain ї or є); every other line is identified by lingua.
+fn letters_decide(line: &str, lang: Language) -> bool {
+    let (mut uk, mut ru, mut be) = (false, false, false);
+    for c in line.chars() {
+        match c {
+            'ї' | 'є' | 'ґ' | 'Ї' | 'Є' | 'Ґ' => uk = true,
+            'ы' | 'э' | 'ъ' | 'ё' | 'Ы' | 'Э' | 'Ъ' | 'Ё' => ru = true,
+            'ў' | 'Ў' => be = true,
+            _ => {}
+        }
+    }
+    match lang.iso_code_639_1().to_string().as_str() {
+        "uk" => uk && !ru && !be,
+        "ru" => ru && !uk && !be,
+        _ => false,
     }
 }
 

@@ -197,7 +197,7 @@ impl Normalise {
             }
             let (fbg, fpairs) = bigram_score(&fixed);
             let fmarks = mojibake_marks(&fixed);
-            let ok = fpairs >= 4.min(pairs.max(1)) && fbg >= 0.5 && fbg >= bg + 0.25 && fmarks < marks.max(1);
+            let ok = fpairs >= 4.min(pairs.max(1)) && fbg >= 0.5 && fbg >= bg + 0.25 && fmarks <= marks;
             if ok && best.as_ref().is_none_or(|b| fbg > b.0) {
                 best = Some((fbg, fixed.into_owned(), kind));
             }
@@ -276,7 +276,7 @@ fn mojibake_marks(t: &str) -> usize {
             || ('\u{80}'..='\u{9f}').contains(&c)
             || ('\u{2500}'..='\u{257f}').contains(&c)
             || c == '\u{fffd}'
-            || (matches!(prev, 'Р' | 'С') && is_cp1251_high(c))
+            || (matches!(prev, 'Р' | 'С') && is_cp1251_high(c) && !matches!(c, 'і' | 'ї' | 'є' | 'ґ' | 'ё' | 'І' | 'Ї' | 'Є' | 'Ґ' | 'Ё'))
         {
             n += 1;
         }
