@@ -21,6 +21,7 @@ pub fn write_hf_dir(m: &LoadedModel, out: &Path, dtype: DType) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let (tensors, cfg) = match &m.model {
         Model::Llama(l) => (l.named_tensors(dtype)?, l.cfg.to_hf_json(dtype_name(dtype))),
+        Model::Gemma3(g) => (g.named_tensors(dtype)?, g.cfg.to_hf_json(dtype_name(dtype))),
     };
     let st_path = out.join("model.safetensors");
     let map: HashMap<String, candle_core::Tensor> = tensors.into_iter().collect();

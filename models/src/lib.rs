@@ -7,6 +7,7 @@ pub mod chat;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod gemma3;
 pub mod generate;
 pub mod gguf;
 pub mod hub;

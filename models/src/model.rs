@@ -9,6 +9,7 @@ use crate::chat::{ChatTemplate, CHATML_TEMPLATE};
 use crate::config::{Arch, GenerationConfig, LlamaConfig};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+use crate::gemma3::{Gemma3, Gemma3Config};
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
@@ -100,43 +101,51 @@ pub enum Format {
 #[derive(Debug, Clone)]
 pub enum Model {
     Llama(Box<Llama>),
+    Gemma3(Box<Gemma3>),
 }
 
 impl Model {
     pub fn forward(&self, ids: &Tensor, cache: &mut dyn KvCache) -> candle_core::Result<Tensor> {
         crate::kernels::pool().install(|| match self {
             Model::Llama(m) => m.forward(ids, cache),
+            Model::Gemma3(m) => m.forward(ids, cache),
         })
     }
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         crate::kernels::pool().install(|| match self {
             Model::Llama(m) => m.logits(hidden),
+            Model::Gemma3(m) => m.logits(hidden),
         })
     }
     pub fn num_layers(&self) -> usize {
         match self {
             Model::Llama(m) => m.cfg.num_hidden_layers,
+            Model::Gemma3(m) => m.cfg.num_hidden_layers,
         }
     }
     pub fn device(&self) -> &Device {
         match self {
             Model::Llama(m) => &m.device,
+            Model::Gemma3(m) => &m.device,
         }
     }
     pub fn dtype(&self) -> DType {
         match self {
             Model::Llama(m) => m.dtype,
+            Model::Gemma3(m) => m.dtype,
         }
     }
     pub fn vocab_size(&self) -> usize {
         match self {
             Model::Llama(m) => m.cfg.vocab_size,
+            Model::Gemma3(m) => m.cfg.vocab_size,
         }
     }
     /// (n_kv_heads, head_dim) per layer, for sizing caches.
     pub fn kv_shape(&self) -> (usize, usize) {
         match self {
             Model::Llama(m) => (m.cfg.num_key_value_heads, m.cfg.head_dim),
+            Model::Gemma3(m) => (m.cfg.num_key_value_heads, m.cfg.head_dim),
         }
     }
 }
@@ -170,6 +179,31 @@ impl Default for LoadOptions {
             device: Device::Cpu,
         }
     }
+}
+
+/// The compute dtype for a HF directory: as asked, or the checkpoint's.
+fn hf_dtype(hf_config: &serde_json::Value, opts: &LoadOptions, dir: &Path) -> Result<DType> {
+    Ok(match opts.dtype {
+        DTypeChoice::F32 => DType::F32,
+        DTypeChoice::BF16 => DType::BF16,
+        DTypeChoice::F16 => DType::F16,
+        DTypeChoice::Quantized => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: `--dtype quantized` needs a GGUF file; this is a safetensors directory",
+                dir.display()
+            )))
+        }
+        DTypeChoice::Auto => match hf_config
+            .get("torch_dtype")
+            .or_else(|| hf_config.get("dtype"))
+            .or_else(|| hf_config.get("text_config").and_then(|t| t.get("torch_dtype").or_else(|| t.get("dtype"))))
+            .and_then(|v| v.as_str())
+        {
+            Some("float32") | None => DType::F32,
+            Some("float16") => DType::F16,
+            _ => DType::BF16,
+        },
+    })
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -212,8 +246,40 @@ impl LoadedModel {
         let tokenizer = Tokenizer::from_gguf(&g)?;
         let chat_template = match g.opt_str("tokenizer.chat_template") {
             Some(src) => Some(template(&src, &tokenizer)?),
+            // Gemma GGUFs often carry no template: use Gemma's turn format.
+            None if arch == "gemma3" => Some(template(crate::chat::GEMMA_TEMPLATE, &tokenizer)?),
             None => None,
         };
+        if arch == "gemma3" {
+            let cfg = Gemma3Config::from_gguf(&g)?;
+            let ws = WeightSource::Gguf {
+                file: g,
+                quantized: dtype.is_none(),
+                gemma: true,
+                rope_permuted: false,
+                dtype: dtype.unwrap_or(DType::F32),
+                device: opts.device.clone(),
+            };
+            let generation_config = GenerationConfig {
+                bos_token_id: cfg.bos_token_id,
+                eos_token_id: tokenizer.special.eos_ids(),
+                ..Default::default()
+            };
+            let context_length = cfg.max_position_embeddings;
+            let hf_config = cfg.to_hf_json("float32");
+            let model = Model::Gemma3(Box::new(Gemma3::load(cfg, &ws, true)?));
+            return Ok(Self {
+                model,
+                tokenizer,
+                chat_template,
+                generation_config,
+                hf_config,
+                path: path.to_path_buf(),
+                format: Format::Gguf,
+                context_length,
+                id: String::new(),
+            });
+        }
         let (cfg, rope_permuted) = match arch.as_str() {
             "llama" | "mistral" => (LlamaConfig::from_gguf(&g, &arch)?, true),
             "qwen2" => (LlamaConfig::from_gguf(&g, &arch)?, false),
@@ -221,7 +287,7 @@ impl LoadedModel {
                 return Err(Error::UnknownArchitecture {
                     path: path.to_path_buf(),
                     arch: other.to_string(),
-                    supported: "llama, mistral, qwen2".into(),
+                    supported: "llama, mistral, qwen2, gemma3".into(),
                 })
             }
         };
@@ -267,28 +333,16 @@ impl LoadedModel {
             .get("model_type")
             .and_then(|v| v.as_str())
             .ok_or_else(|| Error::config(&cfg_path, "`model_type` is missing"))?;
+        if model_type == "gemma3_text" || model_type == "gemma3" {
+            return Self::load_gemma3_dir(dir, &hf_config, &cfg_path, opts);
+        }
         let arch = Arch::from_hf_model_type(model_type).ok_or_else(|| Error::UnknownArchitecture {
             path: cfg_path.clone(),
             arch: model_type.to_string(),
             supported: Arch::SUPPORTED_HF.into(),
         })?;
         let cfg = LlamaConfig::from_hf_json(&hf_config, &cfg_path)?;
-        let dtype = match opts.dtype {
-            DTypeChoice::F32 => DType::F32,
-            DTypeChoice::BF16 => DType::BF16,
-            DTypeChoice::F16 => DType::F16,
-            DTypeChoice::Quantized => {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: `--dtype quantized` needs a GGUF file; this is a safetensors directory",
-                    dir.display()
-                )))
-            }
-            DTypeChoice::Auto => match hf_config.get("torch_dtype").or_else(|| hf_config.get("dtype")).and_then(|v| v.as_str()) {
-                Some("float32") | None => DType::F32,
-                Some("float16") => DType::F16,
-                _ => DType::BF16,
-            },
-        };
+        let dtype = hf_dtype(&hf_config, opts, dir)?;
         let generation_config = GenerationConfig::from_file(&dir.join("generation_config.json"))?.unwrap_or_default();
         let mut eos = cfg.eos_token_ids.clone();
         for e in &generation_config.eos_token_id {
@@ -312,6 +366,37 @@ impl LoadedModel {
             chat_template,
             generation_config,
             hf_config,
+            path: dir.to_path_buf(),
+            format: Format::HfDir,
+            context_length,
+            id: String::new(),
+        })
+    }
+
+    fn load_gemma3_dir(dir: &Path, hf_config: &serde_json::Value, cfg_path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let cfg = Gemma3Config::from_hf_json(hf_config, cfg_path)?;
+        let dtype = hf_dtype(hf_config, opts, dir)?;
+        let generation_config = GenerationConfig::from_file(&dir.join("generation_config.json"))?.unwrap_or_default();
+        let mut eos = cfg.eos_token_ids.clone();
+        for e in &generation_config.eos_token_id {
+            if !eos.contains(e) {
+                eos.push(*e);
+            }
+        }
+        let tokenizer = Tokenizer::from_dir(dir, &eos, cfg.bos_token_id)?;
+        let chat_template = match hf_chat_template(dir)? {
+            Some(src) => Some(template(&src, &tokenizer)?),
+            None => Some(template(crate::chat::GEMMA_TEMPLATE, &tokenizer)?),
+        };
+        let ws = WeightSource::safetensors_dir(dir, dtype, &opts.device)?;
+        let context_length = cfg.max_position_embeddings;
+        let model = Model::Gemma3(Box::new(Gemma3::load(cfg, &ws, false)?));
+        Ok(Self {
+            model,
+            tokenizer,
+            chat_template,
+            generation_config,
+            hf_config: hf_config.clone(),
             path: dir.to_path_buf(),
             format: Format::HfDir,
             context_length,
