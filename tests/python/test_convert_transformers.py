@@ -39,3 +39,28 @@ def test_transformers_loads_converted_dir_and_matches_reference(converted):
     for t in ref["tokenization"]:
         assert tok(t["text"])["input_ids"] == t["ids"], t["id"]
         assert tok.decode(t["ids_no_special"]) == t["decoded"], t["id"]
+
+
+@pytest.fixture(scope="module")
+def converted_gemma(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gemma3-hf")
+    subprocess.run([HROMADA, "convert", "gemma3-270m", "--out", str(out), "--dtype", "f32"], check=True)
+    return out
+
+
+def test_transformers_loads_converted_gemma3_and_matches_reference(converted_gemma):
+    """Gemma 3: the exported norms (HF stores w, not 1+w), QK-norms, layer types and
+    RoPE bases must be what transformers expects, or the logits drift."""
+    ref = json.loads((SHARED / "golden" / "gemma-3-270m-reference.json").read_text())
+    cfg = json.loads((converted_gemma / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3_text" and cfg["layer_types"][5] == "full_attention"
+    tok = AutoTokenizer.from_pretrained(converted_gemma)
+    model = AutoModelForCausalLM.from_pretrained(converted_gemma, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    for p in ref["prompts"]:
+        ids = tok(p["text"], add_special_tokens=p["add_special_tokens"])["input_ids"]
+        assert ids == p["input_ids"], p["id"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        for t in p["last"]["top20"]:
+            assert abs(logits[t["id"]].item() - t["logit"]) <= 2e-3, (p["id"], t["id"])
