@@ -224,6 +224,18 @@ enum BenchCmd {
     Serve(BenchServeArgs),
     /// The data pipeline's full chain on real corpora: docs/s and MB/s per core.
     Data(BenchDataArgs),
+    /// Tokenizer fertility (tokens per word, characters per token) on a corpus.
+    Fertility(BenchFertilityArgs),
+}
+
+#[derive(Args)]
+struct BenchFertilityArgs {
+    /// Models whose tokenizers to compare (paths, short names or Hub ids).
+    #[arg(long = "model", default_values_t = ["smollm2-135m".to_string(), "gemma3-270m".to_string()])]
+    models: Vec<String>,
+    /// A directory of text files (one document each).
+    #[arg(long, default_value = "../shared/data/uk/brown-uk/data/good")]
+    input: PathBuf,
 }
 
 #[derive(Args)]
@@ -333,6 +345,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Generate(a)) => bench_generate(a),
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve(a),
         Cmd::Bench(BenchCmd::Data(a)) => bench_data(a),
+        Cmd::Bench(BenchCmd::Fertility(a)) => {
+            let rows = hromada_data::bench::fertility(&a.models, &a.input)?;
+            println!("| tokenizer | vocab | docs | words | chars | tokens | tokens/word | chars/token |\n|---|---|---|---|---|---|---|---|");
+            for r in rows {
+                println!("| {} | {} | {} | {} | {} | {} | {:.3} | {:.3} |", r.tokenizer, r.vocab_size, r.docs, r.words, r.chars, r.tokens, r.tokens_per_word(), r.chars_per_token());
+            }
+            Ok(())
+        }
         Cmd::Data(DataCmd::Run(a)) => data_run(a),
         Cmd::Data(DataCmd::Stats(a)) => data_stats(a),
         Cmd::Data(DataCmd::Slurm(a)) => data_slurm(a),

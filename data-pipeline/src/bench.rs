@@ -230,3 +230,64 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<Report> {
     Ok(Report { rows, steps })
 }
 
+
+/// Tokenizer fertility on a corpus: tokens per word and characters per token.
+#[derive(Debug, Clone)]
+pub struct Fertility {
+    pub tokenizer: String,
+    pub vocab_size: usize,
+    pub docs: u64,
+    pub words: u64,
+    pub chars: u64,
+    pub tokens: u64,
+}
+
+impl Fertility {
+    pub fn tokens_per_word(&self) -> f64 {
+        self.tokens as f64 / self.words.max(1) as f64
+    }
+    pub fn chars_per_token(&self) -> f64 {
+        self.chars as f64 / self.tokens.max(1) as f64
+    }
+}
+
+/// Every text file under `input` (one document each), through each tokenizer (no special
+/// tokens). Words are `steps::words` (letters and digits, with inner apostrophes and hyphens).
+pub fn fertility(tokenizers: &[String], input: &Path) -> Result<Vec<Fertility>> {
+    use rayon::prelude::*;
+    let icfg = crate::config::InputConfig {
+        path: input.to_path_buf(),
+        format: crate::config::InputFormat::Text,
+        text_key: "text".into(),
+        id_key: "id".into(),
+        per_line: false,
+        json_path: None,
+        json_metadata: Vec::new(),
+        extensions: Vec::new(),
+        limit: None,
+    };
+    let mut texts = Vec::new();
+    for f in crate::read::list_files(&icfg)? {
+        crate::read::read_file(&f, input, &icfg, &mut |rec| {
+            if let crate::read::Record::Doc { doc, .. } = rec {
+                texts.push(doc.text);
+            }
+            true
+        })?;
+    }
+    let words: u64 = texts.iter().map(|t| crate::steps::words(t).count() as u64).sum();
+    let chars: u64 = texts.iter().map(|t| t.chars().count() as u64).sum();
+    let mut out = Vec::new();
+    for name in tokenizers {
+        let tok = hromada_models::model::load_tokenizer(name).map_err(|e| Error::Tokenizer(format!("{name}: {e}")))?;
+        let tokens: u64 = texts
+            .par_iter()
+            .map(|t| tok.encode(t, false).map(|ids| ids.len() as u64))
+            .collect::<std::result::Result<Vec<u64>, _>>()
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .iter()
+            .sum();
+        out.push(Fertility { tokenizer: name.clone(), vocab_size: tok.vocab_size(), docs: texts.len() as u64, words, chars, tokens });
+    }
+    Ok(out)
+}

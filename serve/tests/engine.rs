@@ -148,3 +148,46 @@ fn prompt_logprobs_match_the_reference_teacher_forced_logprobs() {
         }
     }
 }
+
+/// Gemma 3 through the paged engine: the two long prompts (912 and 1,429 tokens, past the
+/// 512-token window of the local layers) and the short reference prompts, batched with
+/// chunked prefill, give the reference greedy tokens: the paged attention applies the
+/// window per layer.
+#[test]
+fn gemma3_paged_batched_greedy_matches_reference_past_the_window() {
+    let shared = std::env::var("HROMADA_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let read = |f: &str| -> serde_json::Value {
+        let p = shared.join("golden").join(f);
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    };
+    let p = hromada_models::model::resolve("gemma3-270m").expect("run scripts/setup.sh");
+    let m = Arc::new(LoadedModel::load(p.to_str().unwrap(), &LoadOptions { dtype: DTypeChoice::F32, ..Default::default() }).unwrap());
+    let mut prompts: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
+    for f in ["gemma-3-270m-long-reference.json", "gemma-3-270m-reference.json"] {
+        for p in read(f)["prompts"].as_array().unwrap() {
+            prompts.push((ids(&p["input_ids"]), ids(&p["greedy"]["ids"])));
+        }
+    }
+    let n_new = 8;
+    let cfg = EngineConfig {
+        block_size: 16,
+        kv_cache_bytes: 256 << 20,
+        scheduler: SchedulerConfig { max_num_seqs: 16, max_num_batched_tokens: 256 },
+    };
+    let mut e = Engine::new(m.clone(), cfg);
+    for (i, (p, _)) in prompts.iter().enumerate() {
+        e.add(i as u64, p.clone(), greedy(n_new), 0).unwrap();
+    }
+    let mut got: std::collections::HashMap<u64, Vec<u32>> = Default::default();
+    while e.has_work() {
+        for t in e.step().unwrap() {
+            got.entry(t.id).or_default().push(t.token);
+        }
+    }
+    assert_eq!(e.blocks.num_used(), 0);
+    for (i, (p, want)) in prompts.iter().enumerate() {
+        assert_eq!(got[&(i as u64)], want[..n_new], "prompt {i} ({} tokens)", p.len());
+    }
+}
