@@ -64,7 +64,8 @@ impl Linear {
         })
     }
 
-    /// A Q4_1 GGUF tensor on the CPU: use the SIMD kernel; anything else: candle's QMatMul.
+    /// A Q4_1, Q8_0, Q5_0 (repacked exactly as Q8_0) or Q4_K (exactly as Q4_1) GGUF tensor
+    /// on the CPU: hromada's SIMD kernels; anything else (Q6_K, ...): candle's QMatMul.
     pub fn quantized_cpu_q4_1(q: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_dim, in_dim) = q.shape().dims2()?;
         let data = q.data()?;
@@ -72,6 +73,8 @@ impl Linear {
         let w = match q.dtype() {
             G::Q4_1 => crate::kernels::q4_1::Q4_1Matrix::from_ggml_bytes(&data, out_dim, in_dim).map(|m| Weight::Q4_1(Arc::new(m))),
             G::Q8_0 => crate::kernels::q4_1::Q8_0Matrix::from_ggml_bytes(&data, out_dim, in_dim).map(|m| Weight::Q8_0(Arc::new(m))),
+            G::Q5_0 => crate::kernels::q4_1::Q8_0Matrix::from_q5_0_bytes(&data, out_dim, in_dim).map(|m| Weight::Q8_0(Arc::new(m))),
+            G::Q4K => crate::kernels::q4_1::Q4_1Matrix::from_q4_k_bytes(&data, out_dim, in_dim).map(|m| Weight::Q4_1(Arc::new(m))),
             _ => None,
         };
         match w {

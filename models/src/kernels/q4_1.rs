@@ -49,6 +49,32 @@ impl Q8_0Matrix {
         Some(Self { n, k, d, qs })
     }
 
+    /// A ggml `block_q5_0` matrix (f16 d, 32 high bits, 16 bytes of low nibbles) as Q8_0:
+    /// every Q5_0 value `q - 16` (-16..15) fits an i8 under the same scale, so the
+    /// conversion is exact and the Q8_0 kernel runs it (candle's Q5_0 dot is scalar).
+    pub fn from_q5_0_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        if k % QK != 0 || bytes.len() != n * (k / QK) * 22 {
+            return None;
+        }
+        let nb = n * (k / QK);
+        let mut d = Vec::with_capacity(nb);
+        let mut qs = Vec::with_capacity(nb * QK);
+        for b in bytes.chunks_exact(22) {
+            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let lo = &b[6..22];
+            let mut block = [0i8; QK];
+            for j in 0..16 {
+                let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                block[j] = ((lo[j] & 0x0F) | h0) as i8 - 16;
+                block[j + 16] = ((lo[j] >> 4) | h1) as i8 - 16;
+            }
+            qs.extend_from_slice(&block);
+        }
+        Some(Self { n, k, d, qs })
+    }
+
     pub fn dequantize(&self) -> Vec<f32> {
         self.qs.iter().enumerate().map(|(i, &q)| self.d[i / QK] * q as f32).collect()
     }
@@ -60,10 +86,11 @@ impl Q8_0Matrix {
         tiled(x, rows, self.n, k, |a, j, r0, out| {
             let (wd, wq) = (&self.d[j * kb..(j + 1) * kb], &self.qs[j * k..(j + 1) * k]);
             #[cfg(target_arch = "x86_64")]
-            if isa != Isa::Scalar {
-                // SAFETY: AVX2+FMA detected; rows r0..r0+out.len() exist in `a`.
-                unsafe { dot4_q8_0_avx2(wd, wq, a, r0, kb, out) };
-                return;
+            match isa {
+                // SAFETY: the features were detected; rows r0..r0+out.len() exist in `a`.
+                Isa::Vnni => return unsafe { dot4_q8_0_vnni(wd, wq, a, r0, kb, out) },
+                Isa::Avx2 => return unsafe { dot4_q8_0_avx2(wd, wq, a, r0, kb, out) },
+                Isa::Scalar => {}
             }
             for (i, o) in out.iter_mut().enumerate() {
                 let r = r0 + i;
@@ -233,6 +260,33 @@ unsafe fn dot4_q8_0_avx2(wd: &[f32], wq: &[i8], a: &Q8Rows, r0: usize, kb: usize
     }
 }
 
+/// As `dot4_q8_0_avx2`, with `vpdpbusd`: |w| (u8) times x carrying w's sign (i8),
+/// accumulated in i32 without the i16 saturation of `maddubs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+unsafe fn dot4_q8_0_vnni(wd: &[f32], wq: &[i8], a: &Q8Rows, r0: usize, kb: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let zero = _mm256_setzero_si256();
+    let g = out.len().min(4);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let k = kb * QK;
+    for b in 0..kb {
+        let w = _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i);
+        let aw = _mm256_sign_epi8(w, w);
+        let d = *wd.get_unchecked(b);
+        for i in 0..g {
+            let r = r0 + i;
+            let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
+            let p32 = _mm256_dpbusd_epi32(zero, aw, _mm256_sign_epi8(qa, w));
+            let scale = _mm256_set1_ps(d * *a.d.get_unchecked(r * kb + b));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i]);
+        }
+    }
+    for i in 0..g {
+        out[i] = hsum(acc[i]);
+    }
+}
+
 /// Scalar fallback for CPUs without AVX2 (and the reference for the SIMD paths).
 fn dot_row_q8_scalar(wd: &[f32], wq: &[i8], ad: &[f32], aq: &[i8]) -> f32 {
     let mut acc = 0f32;
@@ -276,6 +330,48 @@ impl Q4_1Matrix {
             d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
             m.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
             qs.extend_from_slice(&b[4..20]);
+        }
+        Some(Self { n, k, d, m, qs })
+    }
+
+    /// ggml `block_q4_K` bytes (256 values: f16 d and dmin, 12 bytes of 6-bit sub-block
+    /// scales and minimums, 128 bytes of nibbles) as Q4_1: each 32-value sub-block is
+    /// `(d·sc)·q − dmin·m`, i.e. a Q4_1 block with scale `d·sc` and minimum `−dmin·m`
+    /// (computed in f32 as ggml does), so the repacking is exact.
+    pub fn from_q4_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        const QKK: usize = 256;
+        const BYTES: usize = 144;
+        if k % QKK != 0 || bytes.len() != n * (k / QKK) * BYTES {
+            return None;
+        }
+        let nb = n * (k / QK);
+        let mut d = Vec::with_capacity(nb);
+        let mut m = Vec::with_capacity(nb);
+        let mut qs = Vec::with_capacity(nb * 16);
+        for b in bytes.chunks_exact(BYTES) {
+            let dd = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
+            let sc = &b[4..16];
+            let q = &b[16..144];
+            let scale_min = |j: usize| -> (u8, u8) {
+                if j < 4 {
+                    (sc[j] & 63, sc[j + 4] & 63)
+                } else {
+                    ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+                }
+            };
+            for c in 0..4 {
+                let chunk = &q[c * 32..c * 32 + 32];
+                for (half, shift) in [(0usize, 0u8), (1, 4)] {
+                    let (s, mn) = scale_min(2 * c + half);
+                    d.push(dd * s as f32);
+                    m.push(-(dmin * mn as f32));
+                    let nib = |l: usize| (chunk[l] >> shift) & 0x0F;
+                    for j in 0..16 {
+                        qs.push(nib(j) | (nib(j + 16) << 4));
+                    }
+                }
+            }
         }
         Some(Self { n, k, d, m, qs })
     }
@@ -378,6 +474,32 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn q4_k_repacked_as_q4_1_is_exact() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (n, k) = (5, 512);
+        let mut rng = crate::sampling::Rng::new(9);
+        let w: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() - 0.3) as f32 * 2.0).collect();
+        let t = candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
+        let want: Vec<f32> = q.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let m = Q4_1Matrix::from_q4_k_bytes(&q.data().unwrap(), n, k).unwrap();
+        assert_eq!(m.dequantize(), want);
+    }
+
+    #[test]
+    fn q5_0_repacked_as_q8_0_is_exact() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (n, k) = (6, 64);
+        let mut rng = crate::sampling::Rng::new(5);
+        let w: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
+        let t = candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
+        let want: Vec<f32> = q.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let m = Q8_0Matrix::from_q5_0_bytes(&q.data().unwrap(), n, k).unwrap();
+        assert_eq!(m.dequantize(), want);
     }
 
     #[test]
