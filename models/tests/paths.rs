@@ -52,7 +52,7 @@ fn lora_wraps_linear_layers_merges_exactly_and_gets_gradients() {
     let mut m = smollm2_f32();
     let ids = m.tokenizer.encode("Київ — столиця", false).unwrap();
     let base = forward(&m, &ids, &mut Segments::single(ids.len(), false));
-    let Model::Llama(l) = &mut m.model;
+    let Model::Llama(l) = &mut m.model else { panic!("a Llama-family model") };
     let mut vars = Vec::new();
     let mut rng = hromada_models::sampling::Rng::new(11);
     for (name, lin) in l.linears_mut() {
@@ -79,7 +79,7 @@ fn lora_wraps_linear_layers_merges_exactly_and_gets_gradients() {
         }
     }
     // Merging W + s·BA gives the same function (f32).
-    let Model::Llama(l) = &mut m.model;
+    let Model::Llama(l) = &mut m.model else { panic!("a Llama-family model") };
     for (_, lin) in l.linears_mut() {
         if lin.lora().is_some() {
             let w = lin.merged_weight(DType::F32).unwrap();
@@ -102,12 +102,12 @@ fn tiny(name: &str, model_type: &str, extra: serde_json::Value) -> LoadedModel {
 #[test]
 fn qwen2_biases_are_used() {
     let q = tiny("qwen2", "qwen2", serde_json::json!({}));
-    let Model::Llama(l) = &q.model;
+    let Model::Llama(l) = &q.model else { panic!("a Llama-family model") };
     assert!(l.layers[0].self_attn.q_proj.bias().is_some() && l.cfg.attention_bias);
     let ids: Vec<u32> = (100..120).collect();
     let with_bias = forward(&q, &ids, &mut Segments::single(ids.len(), false));
     let mut q2 = q.clone();
-    let Model::Llama(l) = &mut q2.model;
+    let Model::Llama(l) = &mut q2.model else { panic!("a Llama-family model") };
     for layer in l.layers.iter_mut() {
         layer.self_attn.q_proj.set_bias(None);
         layer.self_attn.k_proj.set_bias(None);
@@ -121,12 +121,12 @@ fn qwen2_biases_are_used() {
 fn mistral_sliding_window_masks_old_keys_in_full_and_cached_passes() {
     let w = 4;
     let m = tiny("mistral", "mistral", serde_json::json!({"sliding_window": w}));
-    let Model::Llama(l) = &m.model;
+    let Model::Llama(l) = &m.model else { panic!("a Llama-family model") };
     assert_eq!(l.cfg.sliding_window, Some(w));
     let ids: Vec<u32> = (200..212).collect();
     let windowed = forward(&m, &ids, &mut Segments::single(ids.len(), false));
     let mut full = m.clone();
-    let Model::Llama(l) = &mut full.model;
+    let Model::Llama(l) = &mut full.model else { panic!("a Llama-family model") };
     for layer in l.layers.iter_mut() {
         layer.self_attn.params.sliding_window = None;
     }
