@@ -96,15 +96,8 @@ fn prepare(inputs: &[PathBuf], out: &Path) -> Result<(u64, u64)> {
     for input in inputs {
         let is_laws = input.to_string_lossy().contains("laws");
         let icfg = crate::config::InputConfig {
-            path: input.clone(),
-            format: Default::default(),
-            text_key: "text".into(),
-            id_key: "id".into(),
-            per_line: false,
             json_path: is_laws.then(|| "provisions[*].content".to_string()),
-            json_metadata: Vec::new(),
-            extensions: Vec::new(),
-            limit: None,
+            ..crate::config::InputConfig::new(input.clone(), Default::default())
         };
         for file in crate::read::list_files(&icfg)? {
             let mut err = None;
@@ -255,17 +248,7 @@ impl Fertility {
 /// tokens). Words are `steps::words` (letters and digits, with inner apostrophes and hyphens).
 pub fn fertility(tokenizers: &[String], input: &Path) -> Result<Vec<Fertility>> {
     use rayon::prelude::*;
-    let icfg = crate::config::InputConfig {
-        path: input.to_path_buf(),
-        format: crate::config::InputFormat::Text,
-        text_key: "text".into(),
-        id_key: "id".into(),
-        per_line: false,
-        json_path: None,
-        json_metadata: Vec::new(),
-        extensions: Vec::new(),
-        limit: None,
-    };
+    let icfg = crate::config::InputConfig::new(input, crate::config::InputFormat::Text);
     let mut texts = Vec::new();
     for f in crate::read::list_files(&icfg)? {
         crate::read::read_file(&f, input, &icfg, &mut |rec| {

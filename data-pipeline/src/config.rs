@@ -82,6 +82,23 @@ pub struct InputConfig {
     pub limit: Option<u64>,
 }
 
+impl InputConfig {
+    /// `path` in `format`, every other key at its default.
+    pub fn new(path: impl Into<PathBuf>, format: InputFormat) -> Self {
+        Self {
+            path: path.into(),
+            format,
+            text_key: default_text_key(),
+            id_key: default_id_key(),
+            per_line: false,
+            json_path: None,
+            json_metadata: Vec::new(),
+            extensions: Vec::new(),
+            limit: None,
+        }
+    }
+}
+
 fn default_text_key() -> String {
     "text".into()
 }

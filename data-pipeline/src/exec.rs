@@ -511,17 +511,7 @@ impl TaskRunner<'_> {
                 let clusters = clusters.unwrap_or_default();
                 let path = layout.intermediate(t);
                 let path = PathBuf::from(format!("{}.jsonl.zst", path.display()));
-                let icfg = InputConfig {
-                    path: path.clone(),
-                    format: InputFormat::Jsonl,
-                    text_key: "text".into(),
-                    id_key: "id".into(),
-                    per_line: false,
-                    json_path: None,
-                    json_metadata: Vec::new(),
-                    extensions: Vec::new(),
-                    limit: None,
-                };
+                let icfg = InputConfig::new(path.clone(), InputFormat::Jsonl);
                 let fname: Arc<str> = Arc::from(format!("dedup/docs/{t:05}.jsonl.zst").as_str());
                 let mut err = None;
                 read::read_file(&path, &path, &icfg, &mut |rec| {
