@@ -64,8 +64,9 @@ impl Linear {
         })
     }
 
-    /// A Q4_1, Q8_0, Q5_0 (repacked exactly as Q8_0) or Q4_K (exactly as Q4_1) GGUF tensor
-    /// on the CPU: hromada's SIMD kernels; anything else (Q6_K, ...): candle's QMatMul.
+    /// A Q4_1, Q8_0, Q5_0 (repacked exactly as Q8_0) Q4_K (exactly as Q4_1) or Q6_K
+    /// (exactly, scales per 16) GGUF tensor on the CPU: hromada's SIMD kernels; anything
+    /// else: candle's QMatMul.
     pub fn quantized_cpu_q4_1(q: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_dim, in_dim) = q.shape().dims2()?;
         let data = q.data()?;
@@ -75,6 +76,7 @@ impl Linear {
             G::Q8_0 => crate::kernels::q4_1::Q8_0Matrix::from_ggml_bytes(&data, out_dim, in_dim).map(|m| Weight::Q8_0(Arc::new(m))),
             G::Q5_0 => crate::kernels::q4_1::Q8_0Matrix::from_q5_0_bytes(&data, out_dim, in_dim).map(|m| Weight::Q8_0(Arc::new(m))),
             G::Q4K => crate::kernels::q4_1::Q4_1Matrix::from_q4_k_bytes(&data, out_dim, in_dim).map(|m| Weight::Q4_1(Arc::new(m))),
+            G::Q6K => crate::kernels::q4_1::Q8_0Matrix::from_q6_k_bytes(&data, out_dim, in_dim).map(|m| Weight::Q8_0(Arc::new(m))),
             _ => None,
         };
         match w {

@@ -213,7 +213,7 @@ impl WeightSource {
                     (Some(h), true) => file.qtensor_unpermute_rows(&name, h, device)?,
                     _ => file.qtensor(&name, device)?,
                 };
-                if matches!(q.dtype(), candle_core::quantized::GgmlDType::Q4_1 | candle_core::quantized::GgmlDType::Q8_0 | candle_core::quantized::GgmlDType::Q5_0 | candle_core::quantized::GgmlDType::Q4K) && device.is_cpu() {
+                if matches!(q.dtype(), candle_core::quantized::GgmlDType::Q4_1 | candle_core::quantized::GgmlDType::Q8_0 | candle_core::quantized::GgmlDType::Q5_0 | candle_core::quantized::GgmlDType::Q4K | candle_core::quantized::GgmlDType::Q6K) && device.is_cpu() {
                     Ok(Linear::quantized_cpu_q4_1(q, b)?)
                 } else {
                     Ok(Linear::quantized(q, b)?)

@@ -25,11 +25,13 @@ pub struct Q4_1Matrix {
     qs: Vec<u8>,
 }
 
-/// A `[n, k]` Q8_0 matrix (ggml `block_q8_0`: f16 d, 32 i8), repacked.
+/// A `[n, k]` matrix of i8 values with one f32 scale per 16 values (ggml's Q8_0 has one
+/// per 32, stored twice; Q5_0 and Q6_K repack into it exactly), repacked for the kernels.
 #[derive(Debug, Clone)]
 pub struct Q8_0Matrix {
     pub n: usize,
     pub k: usize,
+    /// `[n * k/16]` scales: block b's halves are `d[2b]` and `d[2b+1]`.
     d: Vec<f32>,
     qs: Vec<i8>,
 }
@@ -40,10 +42,11 @@ impl Q8_0Matrix {
             return None;
         }
         let nb = n * (k / QK);
-        let mut d = Vec::with_capacity(nb);
+        let mut d = Vec::with_capacity(nb * 2);
         let mut qs = Vec::with_capacity(nb * QK);
         for b in bytes.chunks_exact(34) {
-            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            let s = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            d.extend([s, s]);
             qs.extend(b[2..34].iter().map(|&x| x as i8));
         }
         Some(Self { n, k, d, qs })
@@ -57,10 +60,11 @@ impl Q8_0Matrix {
             return None;
         }
         let nb = n * (k / QK);
-        let mut d = Vec::with_capacity(nb);
+        let mut d = Vec::with_capacity(nb * 2);
         let mut qs = Vec::with_capacity(nb * QK);
         for b in bytes.chunks_exact(22) {
-            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            let s = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            d.extend([s, s]);
             let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
             let lo = &b[6..22];
             let mut block = [0i8; QK];
@@ -75,8 +79,43 @@ impl Q8_0Matrix {
         Some(Self { n, k, d, qs })
     }
 
+    /// ggml `block_q6_K` bytes (256 values: 128 bytes of low nibbles, 64 of high 2-bit
+    /// pairs, 16 i8 scales, f16 d): value `(d·sc)·(q − 32)` with one scale per 16 values,
+    /// so it repacks exactly (scale `d·sc` in f32, as ggml computes it).
+    pub fn from_q6_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        const QKK: usize = 256;
+        const BYTES: usize = 210;
+        if k % QKK != 0 || bytes.len() != n * (k / QKK) * BYTES {
+            return None;
+        }
+        let mut d = Vec::with_capacity(n * k / 16);
+        let mut qs = vec![0i8; n * k];
+        let mut o = 0;
+        for b in bytes.chunks_exact(BYTES) {
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let dd = f16::from_le_bytes([b[208], b[209]]).to_f32();
+            for half in 0..2 {
+                let (ql, qh, sc) = (&ql[half * 64..], &qh[half * 32..], &sc[half * 8..]);
+                let y = &mut qs[o + half * 128..o + half * 128 + 128];
+                for l in 0..32 {
+                    y[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+                    y[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                    y[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                    y[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                }
+                // Values l+32·g (g = 0..4) use scales sc[2g] (l < 16) and sc[2g+1]: in
+                // 16-value order that is sc[0..8] as is.
+                for s in &sc[..8] {
+                    d.push(dd * (*s as i8) as f32);
+                }
+            }
+            o += QKK;
+        }
+        Some(Self { n, k, d, qs })
+    }
+
     pub fn dequantize(&self) -> Vec<f32> {
-        self.qs.iter().enumerate().map(|(i, &q)| self.d[i / QK] * q as f32).collect()
+        self.qs.iter().enumerate().map(|(i, &q)| self.d[i / 16] * q as f32).collect()
     }
 
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
@@ -84,7 +123,7 @@ impl Q8_0Matrix {
         let k = self.k;
         let isa = isa();
         tiled(x, rows, self.n, k, |a, j, r0, out| {
-            let (wd, wq) = (&self.d[j * kb..(j + 1) * kb], &self.qs[j * k..(j + 1) * k]);
+            let (wd, wq) = (&self.d[j * kb * 2..(j + 1) * kb * 2], &self.qs[j * k..(j + 1) * k]);
             #[cfg(target_arch = "x86_64")]
             match isa {
                 // SAFETY: the features were detected; rows r0..r0+out.len() exist in `a`.
@@ -246,12 +285,13 @@ unsafe fn dot4_q8_0_avx2(wd: &[f32], wq: &[i8], a: &Q8Rows, r0: usize, kb: usize
     for b in 0..kb {
         let w = _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i);
         let aw = _mm256_sign_epi8(w, w);
-        let d = *wd.get_unchecked(b);
+        // Lanes 0-3 sum bytes 0-15 (the first half's scale), lanes 4-7 bytes 16-31.
+        let d = _mm256_setr_m128(_mm_set1_ps(*wd.get_unchecked(2 * b)), _mm_set1_ps(*wd.get_unchecked(2 * b + 1)));
         for i in 0..g {
             let r = r0 + i;
             let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
             let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qa, w)), ones);
-            let scale = _mm256_set1_ps(d * *a.d.get_unchecked(r * kb + b));
+            let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.d.get_unchecked(r * kb + b)));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i]);
         }
     }
@@ -273,12 +313,12 @@ unsafe fn dot4_q8_0_vnni(wd: &[f32], wq: &[i8], a: &Q8Rows, r0: usize, kb: usize
     for b in 0..kb {
         let w = _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i);
         let aw = _mm256_sign_epi8(w, w);
-        let d = *wd.get_unchecked(b);
+        let d = _mm256_setr_m128(_mm_set1_ps(*wd.get_unchecked(2 * b)), _mm_set1_ps(*wd.get_unchecked(2 * b + 1)));
         for i in 0..g {
             let r = r0 + i;
             let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
             let p32 = _mm256_dpbusd_epi32(zero, aw, _mm256_sign_epi8(qa, w));
-            let scale = _mm256_set1_ps(d * *a.d.get_unchecked(r * kb + b));
+            let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.d.get_unchecked(r * kb + b)));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i]);
         }
     }
@@ -290,9 +330,11 @@ unsafe fn dot4_q8_0_vnni(wd: &[f32], wq: &[i8], a: &Q8Rows, r0: usize, kb: usize
 /// Scalar fallback for CPUs without AVX2 (and the reference for the SIMD paths).
 fn dot_row_q8_scalar(wd: &[f32], wq: &[i8], ad: &[f32], aq: &[i8]) -> f32 {
     let mut acc = 0f32;
-    for b in 0..wd.len() {
-        let isum: i32 = (0..QK).map(|i| wq[b * QK + i] as i32 * aq[b * QK + i] as i32).sum();
-        acc += wd[b] * ad[b] * isum as f32;
+    for b in 0..ad.len() {
+        for h in 0..2 {
+            let isum: i32 = (h * 16..h * 16 + 16).map(|i| wq[b * QK + i] as i32 * aq[b * QK + i] as i32).sum();
+            acc += wd[2 * b + h] * ad[b] * isum as f32;
+        }
     }
     acc
 }
@@ -487,6 +529,27 @@ mod tests {
         let want: Vec<f32> = q.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let m = Q4_1Matrix::from_q4_k_bytes(&q.data().unwrap(), n, k).unwrap();
         assert_eq!(m.dequantize(), want);
+    }
+
+    #[test]
+    fn q6_k_repacked_is_exact_and_multiplies_like_its_dequantization() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (n, k, rows) = (7, 512, 3);
+        let mut rng = crate::sampling::Rng::new(11);
+        let w: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32 * 2.0).collect();
+        let t = candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q6K).unwrap();
+        let want: Vec<f32> = q.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let m = Q8_0Matrix::from_q6_k_bytes(&q.data().unwrap(), n, k).unwrap();
+        assert_eq!(m.dequantize(), want);
+        let x: Vec<f32> = (0..rows * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
+        let y = m.matmul(&x, rows);
+        for r in 0..rows {
+            for j in 0..n {
+                let exact: f32 = (0..k).map(|i| x[r * k + i] * want[j * k + i]).sum();
+                assert!((y[r * n + j] - exact).abs() < 0.05, "{r},{j}: {} vs {exact}", y[r * n + j]);
+            }
+        }
     }
 
     #[test]
