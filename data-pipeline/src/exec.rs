@@ -359,7 +359,7 @@ impl TaskRunner<'_> {
         let results: Vec<Result<RunStats>> = todo
             .par_iter()
             .map(|&t| {
-                let r = self.run_task(t, &plan.tasks[t], &plan.files, mode, &docs, &bar);
+                let r = self.run_task(t, &plan.tasks[t], mode, &docs, &bar);
                 bar.inc(1);
                 r
             })
@@ -372,7 +372,7 @@ impl TaskRunner<'_> {
         Ok(total)
     }
 
-    fn run_task(&self, t: usize, files: &[PathBuf], all_files: &[PathBuf], mode: Mode, docs_seen: &AtomicU64, bar: &indicatif::ProgressBar) -> Result<RunStats> {
+    fn run_task(&self, t: usize, files: &[PathBuf], mode: Mode, docs_seen: &AtomicU64, bar: &indicatif::ProgressBar) -> Result<RunStats> {
         let layout = self.layout;
         let mut stats = RunStats { tasks: 1, ..Default::default() };
         let (steps, stage_tag) = match mode {
@@ -569,7 +569,6 @@ impl TaskRunner<'_> {
             let dirs = DedupDirs::new(layout.out);
             dedup::write_sigs(&dirs.sigs(t), h.config().bands, h.num_hashes(), &sigs)?;
         }
-        let _ = all_files;
         let marker = match mode {
             Mode::Signatures => layout.sig_stats(t),
             _ => layout.stats(t),

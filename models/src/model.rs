@@ -250,63 +250,34 @@ impl LoadedModel {
             None if arch == "gemma3" => Some(template(crate::chat::GEMMA_TEMPLATE, &tokenizer)?),
             None => None,
         };
-        if arch == "gemma3" {
+        let (quantized, dtype, device) = (dtype.is_none(), dtype.unwrap_or(DType::F32), opts.device.clone());
+        // Per architecture: (model, BOS id, context length, HF config.json).
+        let (model, bos_token_id, context_length, hf_config) = if arch == "gemma3" {
             let cfg = Gemma3Config::from_gguf(&g)?;
-            let ws = WeightSource::Gguf {
-                file: g,
-                quantized: dtype.is_none(),
-                gemma: true,
-                rope_permuted: false,
-                dtype: dtype.unwrap_or(DType::F32),
-                device: opts.device.clone(),
+            let ws = WeightSource::Gguf { file: g, quantized, gemma: true, rope_permuted: false, dtype, device };
+            let meta = (cfg.bos_token_id, cfg.max_position_embeddings, cfg.to_hf_json("float32"));
+            (Model::Gemma3(Box::new(Gemma3::load(cfg, &ws, true)?)), meta.0, meta.1, meta.2)
+        } else {
+            let (cfg, rope_permuted) = match arch.as_str() {
+                "llama" | "mistral" => (LlamaConfig::from_gguf(&g, &arch)?, true),
+                "qwen2" => (LlamaConfig::from_gguf(&g, &arch)?, false),
+                other => {
+                    return Err(Error::UnknownArchitecture {
+                        path: path.to_path_buf(),
+                        arch: other.to_string(),
+                        supported: "llama, mistral, qwen2, gemma3".into(),
+                    })
+                }
             };
-            let generation_config = GenerationConfig {
-                bos_token_id: cfg.bos_token_id,
-                eos_token_id: tokenizer.special.eos_ids(),
-                ..Default::default()
-            };
-            let context_length = cfg.max_position_embeddings;
-            let hf_config = cfg.to_hf_json("float32");
-            let model = Model::Gemma3(Box::new(Gemma3::load(cfg, &ws, true)?));
-            return Ok(Self {
-                model,
-                tokenizer,
-                chat_template,
-                generation_config,
-                hf_config,
-                path: path.to_path_buf(),
-                format: Format::Gguf,
-                context_length,
-                id: String::new(),
-            });
-        }
-        let (cfg, rope_permuted) = match arch.as_str() {
-            "llama" | "mistral" => (LlamaConfig::from_gguf(&g, &arch)?, true),
-            "qwen2" => (LlamaConfig::from_gguf(&g, &arch)?, false),
-            other => {
-                return Err(Error::UnknownArchitecture {
-                    path: path.to_path_buf(),
-                    arch: other.to_string(),
-                    supported: "llama, mistral, qwen2, gemma3".into(),
-                })
-            }
-        };
-        let ws = WeightSource::Gguf {
-            file: g,
-            quantized: dtype.is_none(),
-            gemma: false,
-            rope_permuted,
-            dtype: dtype.unwrap_or(DType::F32),
-            device: opts.device.clone(),
+            let ws = WeightSource::Gguf { file: g, quantized, gemma: false, rope_permuted, dtype, device };
+            let meta = (cfg.bos_token_id, cfg.max_position_embeddings, cfg.to_hf_json("float32"));
+            (Model::Llama(Box::new(Llama::load(cfg, &ws)?)), meta.0, meta.1, meta.2)
         };
         let generation_config = GenerationConfig {
-            bos_token_id: cfg.bos_token_id,
+            bos_token_id,
             eos_token_id: tokenizer.special.eos_ids(),
             ..Default::default()
         };
-        let context_length = cfg.max_position_embeddings;
-        let hf_config = cfg.to_hf_json("float32");
-        let model = Model::Llama(Box::new(Llama::load(cfg, &ws)?));
         Ok(Self {
             model,
             tokenizer,
