@@ -30,9 +30,35 @@ enum Cmd {
     /// The data pipeline: clean corpora into training shards.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Fine-tune a model: LoRA or full, chat SFT or continued pretraining.
+    #[command(subcommand)]
+    Train(TrainCmd),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum TrainCmd {
+    /// Supervised fine-tuning on chat JSONL (`messages`, or `prompt`/`completion`).
+    Sft(TrainArgs),
+    /// Continued pretraining on token shards from `hromada data run`.
+    Pretrain(TrainArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The run's config (TOML); see configs/ for examples.
+    config: PathBuf,
+    /// Override a config key, e.g. --set optim.lr=1e-4 --set lora.rank=16
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue from the newest checkpoint in run.output.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar (log lines instead).
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(Subcommand)]
@@ -142,6 +168,10 @@ struct ModelArgs {
     /// Weights: auto (GGUF stays quantized), f32 (reference path), bf16, f16, quantized.
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// A LoRA adapter directory in PEFT's format (adapter_config.json,
+    /// adapter_model.safetensors), applied on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -150,6 +180,12 @@ impl ModelArgs {
         let t = std::time::Instant::now();
         let m = LoadedModel::load(&self.model, &LoadOptions { dtype, ..Default::default() })
             .with_context(|| format!("loading model `{}`", self.model))?;
+        let mut m = m;
+        if let Some(dir) = &self.adapter {
+            let (_, n) = hromada_models::lora::load_peft_adapter(&mut m.model, dir)
+                .with_context(|| format!("loading the adapter {}", dir.display()))?;
+            tracing::info!(adapter = %dir.display(), modules = n, "LoRA adapter applied");
+        }
         tracing::info!(model = %m.path.display(), secs = t.elapsed().as_secs_f64(), "model loaded");
         Ok(m)
     }
@@ -342,6 +378,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Serve(a) => serve(a),
+        Cmd::Train(TrainCmd::Sft(a)) => train(hromada_train::Task::Sft, a),
+        Cmd::Train(TrainCmd::Pretrain(a)) => train(hromada_train::Task::Pretrain, a),
         Cmd::Bench(BenchCmd::Generate(a)) => bench_generate(a),
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve(a),
         Cmd::Bench(BenchCmd::Data(a)) => bench_data(a),
@@ -404,6 +442,32 @@ fn generate(a: GenerateArgs) -> Result<()> {
         res.ids.len(),
         res.decode_tok_per_s(),
         res.finish_reason
+    );
+    Ok(())
+}
+
+fn train(task: hromada_train::Task, a: TrainArgs) -> Result<()> {
+    let cfg = hromada_train::TrainConfig::load(&a.config, &a.set)?;
+    eprintln!("# effective config ({:?}; saved as {}/config.toml)\n{}", task, cfg.run.output, cfg.to_toml());
+    let stop = hromada_train::recipe::stop_flag()?;
+    let progress = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let o = hromada_train::recipe::run(task, &cfg, &a.config, a.resume, stop, progress)?;
+    if o.interrupted {
+        eprintln!(
+            "stopped after step {}: checkpoint {}; continue with --resume",
+            o.steps,
+            o.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        );
+        std::process::exit(143);
+    }
+    let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    eprintln!(
+        "done: {} steps, train loss {}, validation loss {} -> {}; outputs in {}",
+        o.steps,
+        f(o.final_train_loss),
+        f(o.first_val_loss),
+        f(o.final_val_loss),
+        o.output.display()
     );
     Ok(())
 }

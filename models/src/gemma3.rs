@@ -248,10 +248,10 @@ pub struct GemmaRmsNorm {
 impl GemmaRmsNorm {
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         let dt = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
+        let xf = if dt == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
         let y = if differentiable {
             let var = xf.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-            xf.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?
+            xf.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight.to_dtype(xf.dtype())?)?
         } else {
             candle_nn::ops::rms_norm(&xf.contiguous()?, &self.weight, self.eps as f32)?
         };
@@ -390,7 +390,7 @@ impl Gemma3 {
             let x1 = (x + o)?;
             let h = l.pre_feedforward_layernorm.forward(&x1, diff)?;
             let g = l.gate_proj.forward(&h)?;
-            let g = g.to_dtype(DType::F32)?.gelu()?.to_dtype(g.dtype())?;
+            let g = if g.dtype() == DType::F64 { g.gelu()? } else { g.to_dtype(DType::F32)?.gelu()?.to_dtype(g.dtype())? };
             let m = l.down_proj.forward(&(g * l.up_proj.forward(&h)?)?)?;
             x = (x1 + l.post_feedforward_layernorm.forward(&m, diff)?)?;
         }
@@ -399,7 +399,8 @@ impl Gemma3 {
 
     /// Logits (f32), soft-capped when the config says so.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let l = self.lm_head.forward(hidden)?.to_dtype(DType::F32)?;
+        let l = self.lm_head.forward(hidden)?;
+        let l = if l.dtype() == DType::F64 { l } else { l.to_dtype(DType::F32)? };
         match self.cfg.final_logit_softcapping {
             Some(cap) if cap > 0.0 => (l / cap)?.tanh()? * cap,
             _ => Ok(l),

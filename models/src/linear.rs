@@ -28,6 +28,102 @@ pub struct LoraAdapter {
     /// Dropout applied to the adapter input during training (0 disables it).
     pub dropout: f32,
     pub training: bool,
+    /// Seed of the dropout mask of the coming forward pass: the trainer sets it per
+    /// micro-batch so a resumed run draws exactly the same masks.
+    pub dropout_seed: u64,
+}
+
+impl LoraAdapter {
+    /// PEFT's initialisation: A Kaiming-uniform (`a = sqrt(5)`, i.e. U(-1/sqrt(in), 1/sqrt(in))),
+    /// B zero, so the adapted layer starts equal to the base.
+    pub fn init_peft(in_dim: usize, out_dim: usize, rank: usize, alpha: f64, dropout: f32, dtype: DType, device: &candle_core::Device, rng: &mut crate::sampling::Rng) -> Result<Self> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let a: Vec<f64> = (0..rank * in_dim).map(|_| (rng.next_f64() * 2.0 - 1.0) * bound).collect();
+        Ok(Self {
+            a: Tensor::from_vec(a, (rank, in_dim), device)?.to_dtype(dtype)?,
+            b: Tensor::zeros((out_dim, rank), dtype, device)?,
+            scale: alpha / rank as f64,
+            dropout,
+            training: false,
+            dropout_seed: 0,
+        })
+    }
+}
+
+/// Inverted dropout with a mask drawn from `seed` (SplitMix64), reproducible across runs.
+fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let n = x.elem_count();
+    let keep = 1.0 - p as f64;
+    let mut state = seed;
+    let mask: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+            if u < keep { (1.0 / keep) as f32 } else { 0.0 }
+        })
+        .collect();
+    let m = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * m
+}
+
+/// hromada's CPU quantized matmul as a candle op with a backward pass: gradients flow to
+/// the input through the frozen quantized weight (dequantized only transiently, one layer
+/// at a time), so LoRA trains on a quantized GGUF base (QLoRA-style).
+struct KernelMatmul {
+    weight: Weight,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl KernelMatmul {
+    fn run(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        match &self.weight {
+            Weight::Q4_1(m) => m.matmul(x, rows),
+            Weight::Q8_0(m) => m.matmul(x, rows),
+            _ => Vec::new(),
+        }
+    }
+    fn dense(&self) -> Vec<f32> {
+        match &self.weight {
+            Weight::Q4_1(m) => m.dequantize(),
+            Weight::Q8_0(m) => m.dequantize(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for KernelMatmul {
+    fn name(&self) -> &'static str {
+        "hromada-qmatmul"
+    }
+
+    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = match s {
+            candle_core::CpuStorage::F32(v) => v,
+            _ => candle_core::bail!("hromada-qmatmul takes f32 activations"),
+        };
+        let x = match l.contiguous_offsets() {
+            Some((a, b)) => &x[a..b],
+            None => candle_core::bail!("hromada-qmatmul takes contiguous activations"),
+        };
+        let rows = x.len() / self.in_dim;
+        let mut dims = l.dims().to_vec();
+        if let Some(d) = dims.last_mut() {
+            *d = self.out_dim;
+        }
+        Ok((candle_core::CpuStorage::F32(self.run(x, rows)), candle_core::Shape::from(dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let w = Tensor::from_vec(self.dense(), (self.out_dim, self.in_dim), arg.device())?;
+        let rows = arg.elem_count() / self.in_dim;
+        let g = grad_res.reshape((rows, self.out_dim))?.matmul(&w)?;
+        Ok(Some(g.reshape(arg.shape())?))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -172,25 +268,16 @@ impl Linear {
                     mm.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
                 }
             }
-            Weight::Q4_1(m) => kernel_matmul(x, self.in_dim, self.out_dim, |xf, rows| m.matmul(xf, rows))?,
-            Weight::Q8_0(m) => kernel_matmul(x, self.in_dim, self.out_dim, |xf, rows| m.matmul(xf, rows))?,
+            Weight::Q4_1(_) | Weight::Q8_0(_) => {
+                let op = KernelMatmul { weight: self.weight.clone(), in_dim: self.in_dim, out_dim: self.out_dim };
+                x.to_dtype(DType::F32)?.contiguous()?.apply_op1(op)?.to_dtype(x.dtype())?
+            }
         };
         match &self.bias {
             None => Ok(y),
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
         }
     }
-}
-
-/// Run one of hromada's CPU kernels on `x` (`[..., in]`), returning `[..., out]`.
-fn kernel_matmul(x: &Tensor, in_dim: usize, out_dim: usize, mm: impl Fn(&[f32], usize) -> Vec<f32>) -> Result<Tensor> {
-    let rows = x.elem_count() / in_dim;
-    let xf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut dims = x.dims().to_vec();
-    if let Some(l) = dims.last_mut() {
-        *l = out_dim;
-    }
-    Tensor::from_vec(mm(&xf, rows), dims, x.device())?.to_dtype(x.dtype())
 }
 
 impl Module for Linear {
@@ -200,7 +287,7 @@ impl Module for Linear {
             None => Ok(y),
             Some(l) => {
                 let xin = if l.training && l.dropout > 0.0 {
-                    candle_nn::ops::dropout(x, l.dropout)?
+                    seeded_dropout(x, l.dropout, l.dropout_seed)?
                 } else {
                     x.clone()
                 };

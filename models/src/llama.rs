@@ -21,7 +21,8 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable {
             let dt = x.dtype();
-            let xf = x.to_dtype(DType::F32)?;
+            // f32 as the reference computes it; f64 stays f64 (gradient checks).
+            let xf = if dt == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
             let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
             let xn = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
             xn.to_dtype(dt)?.broadcast_mul(&self.weight.to_dtype(dt)?)
@@ -205,7 +206,11 @@ impl Llama {
 
     /// Logits (f32) for hidden states `[m, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+        let l = self.lm_head.forward(hidden)?;
+        if l.dtype() == DType::F64 {
+            return Ok(l);
+        }
+        l.to_dtype(DType::F32)
     }
 
     /// All linear layers by their HF name prefix (for LoRA targeting and export).

@@ -64,7 +64,7 @@ fn lora_wraps_linear_layers_merges_exactly_and_gets_gradients() {
         let bv: Vec<f32> = (0..lin.out_dim() * r).map(|_| (rng.next_f64() - 0.5) as f32 * 0.1).collect();
         let a = Var::from_tensor(&Tensor::from_vec(av, (r, lin.in_dim()), &Device::Cpu).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::from_vec(bv, (lin.out_dim(), r), &Device::Cpu).unwrap()).unwrap();
-        lin.set_lora(Some(LoraAdapter { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: 2.0, dropout: 0.0, training: false }));
+        lin.set_lora(Some(LoraAdapter { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: 2.0, dropout: 0.0, training: false, dropout_seed: 0 }));
         vars.push((a, b));
     }
     let with_lora = forward(&m, &ids, &mut Segments::single(ids.len(), true));
