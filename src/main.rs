@@ -262,6 +262,35 @@ enum BenchCmd {
     Data(BenchDataArgs),
     /// Tokenizer fertility (tokens per word, characters per token) on a corpus.
     Fertility(BenchFertilityArgs),
+    /// Training tokens/s and peak memory (LoRA and full), optionally beside PyTorch + PEFT.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Args)]
+struct BenchTrainArgs {
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Text files (*.txt) to cut into rows (default: ../shared's brown-uk).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    #[arg(long, default_value = "lora,full")]
+    modes: String,
+    /// A Python with torch, transformers and peft: run scripts/bench_train_torch.py on the
+    /// same model (converted to a HF directory), data and config in the same run.
+    #[arg(long)]
+    torch_python: Option<PathBuf>,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -383,6 +412,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Generate(a)) => bench_generate(a),
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve(a),
         Cmd::Bench(BenchCmd::Data(a)) => bench_data(a),
+        Cmd::Bench(BenchCmd::Train(a)) => bench_train(a),
         Cmd::Bench(BenchCmd::Fertility(a)) => {
             let rows = hromada_data::bench::fertility(&a.models, &a.input)?;
             println!("| tokenizer | vocab | docs | words | chars | tokens | tokens/word | chars/token |\n|---|---|---|---|---|---|---|---|");
@@ -690,6 +720,58 @@ fn data_slurm(a: DataSlurmArgs) -> Result<()> {
     }
     if cfg.tasks.is_some_and(|t| t < a.tasks) {
         eprintln!("note: the pipeline has tasks: {:?} < --tasks {}; some array elements will have no work (set tasks: in the pipeline to at least --tasks)", cfg.tasks, a.tasks);
+    }
+    Ok(())
+}
+
+fn bench_train(a: BenchTrainArgs) -> Result<()> {
+    let corpus = a.corpus.clone().unwrap_or_else(|| {
+        let shared = std::env::var("HROMADA_SHARED").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("../shared"));
+        shared.join("data/uk/brown-uk/data/good")
+    });
+    let mut rows = Vec::new();
+    for mode in a.modes.split(',') {
+        let r = hromada_train::bench::run(&a.model, mode, &corpus, a.seq_len, a.batch, a.steps, a.warmup, a.rank)?;
+        println!(
+            "hromada {mode}: {:.1} tokens/s, peak RSS {:.2} GiB, loss {:.3} -> {:.3} ({} trainable)",
+            r.tokens_per_s, r.peak_rss_gib, r.loss_first, r.loss_last, r.trainable_parameters
+        );
+        rows.push(serde_json::to_value(&r)?);
+    }
+    if let Some(py) = &a.torch_python {
+        let dir = std::env::temp_dir().join(format!("hromada-bench-train-{}", std::process::id()));
+        let m = LoadedModel::load(&a.model, &LoadOptions { dtype: DTypeChoice::F32, ..Default::default() })?;
+        hromada_models::convert::write_hf_dir(&m, &dir, candle_core::DType::F32)?;
+        drop(m);
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_train_torch.py");
+        for mode in a.modes.split(',') {
+            let o = std::process::Command::new(py)
+                .arg(&script)
+                .arg(&dir)
+                .arg(&corpus)
+                .args(["--seq", &a.seq_len.to_string(), "--batch", &a.batch.to_string(), "--steps", &a.steps.to_string()])
+                .args(["--warmup", &a.warmup.to_string(), "--rank", &a.rank.to_string(), "--modes", mode])
+                .output()
+                .with_context(|| format!("running {}", py.display()))?;
+            if !o.status.success() {
+                bail!("bench_train_torch.py failed: {}", String::from_utf8_lossy(&o.stderr));
+            }
+            for line in String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with('{')) {
+                let v: serde_json::Value = serde_json::from_str(line)?;
+                println!(
+                    "pytorch+peft {mode}: {:.1} tokens/s, peak RSS {:.2} GiB, loss {:.3} -> {:.3}",
+                    v["tokens_per_s"].as_f64().unwrap_or(0.0),
+                    v["peak_gib"].as_f64().unwrap_or(0.0),
+                    v["loss_first"].as_f64().unwrap_or(0.0),
+                    v["loss_last"].as_f64().unwrap_or(0.0)
+                );
+                rows.push(v);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&rows)?)?;
     }
     Ok(())
 }

@@ -270,9 +270,12 @@ seed = 1
     let merged = logits(&merged, &ids);
     let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(diff(&with_adapter, &plain) > 1e-2, "the adapter changes nothing");
+    // f32: W + s·BA rounds once per weight, and 30 layers carry it to the logits, so the
+    // tolerance is 1e-5 relative to the largest logit.
     let d = diff(&merged, &with_adapter);
-    assert!(d <= 1e-4, "merged vs base+adapter logits differ by {d}");
-    eprintln!("merged vs base+adapter: max |logit diff| {d:e}");
+    let scale = with_adapter.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(d / scale <= 1e-5, "merged vs base+adapter logits differ by {d} (largest logit {scale})");
+    eprintln!("merged vs base+adapter: max |logit diff| {d:e}, relative {:e}", d / scale);
 
     // Both load in `hromada generate` and agree greedily.
     let gen = |args: &[&str]| -> String {

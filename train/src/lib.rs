@@ -1,5 +1,6 @@
 //! hromada-train: LoRA and full fine-tuning on candle, with exact resume and exports that
 //! PEFT and transformers load. `recipe::run` is the whole recipe, top to bottom.
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
