@@ -148,7 +148,7 @@ fn lora_on_a_quantized_gguf_base_gets_gradients_through_the_frozen_layers() {
     let ids: Vec<u32> = q.tokenizer.encode("Київ — столиця України, найбільше місто країни.", false).unwrap();
     let sample = Sample::from_mask(ids.clone(), &vec![true; ids.len()]);
     let row = Row { samples: vec![sample] };
-    let mut grads_of = |mut m: Model| -> HashMap<String, Tensor> {
+    let grads_of = |mut m: Model| -> HashMap<String, Tensor> {
         let (_, ps) = params::attach_lora(&mut m, &cfg, 1, std::path::Path::new("test")).unwrap();
         let (_, g, _) = recipe::step_grads(&m, &ps, &[vec![&row]]).unwrap();
         g
