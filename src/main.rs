@@ -285,6 +285,9 @@ struct BenchTrainArgs {
     rank: usize,
     #[arg(long, default_value = "lora,full")]
     modes: String,
+    /// Recompute activations in the backward pass (hromada only).
+    #[arg(long)]
+    activation_checkpointing: bool,
     /// A Python with torch, transformers and peft: run scripts/bench_train_torch.py on the
     /// same model (converted to a HF directory), data and config in the same run.
     #[arg(long)]
@@ -731,9 +734,10 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     });
     let mut rows = Vec::new();
     for mode in a.modes.split(',') {
-        let r = hromada_train::bench::run(&a.model, mode, &corpus, a.seq_len, a.batch, a.steps, a.warmup, a.rank)?;
+        let r = hromada_train::bench::run(&a.model, mode, &corpus, a.seq_len, a.batch, a.steps, a.warmup, a.rank, a.activation_checkpointing)?;
         println!(
-            "hromada {mode}: {:.1} tokens/s, peak RSS {:.2} GiB, loss {:.3} -> {:.3} ({} trainable)",
+            "hromada {mode}{}: {:.1} tokens/s, peak RSS {:.2} GiB, loss {:.3} -> {:.3} ({} trainable)",
+            if a.activation_checkpointing { " (activation checkpointing)" } else { "" },
             r.tokens_per_s, r.peak_rss_gib, r.loss_first, r.loss_last, r.trainable_parameters
         );
         rows.push(serde_json::to_value(&r)?);

@@ -365,36 +365,54 @@ impl Gemma3 {
 
     /// Hidden states after the final norm, `[n, hidden]`, for the packed `ids`.
     pub fn forward(&self, ids: &Tensor, cache: &mut dyn KvCache) -> Result<Tensor> {
-        let n = ids.dim(0)?;
-        let diff = cache.differentiable();
+        let ctx = self.rope_ctx(ids.dim(0)?, cache)?;
+        let mut x = self.embed(ids)?;
+        for i in 0..self.layers.len() {
+            x = self.block(i, &x, &ctx, cache)?;
+        }
+        self.norm.forward(&x, ctx.differentiable)
+    }
+
+    /// Scaled input embeddings of `ids` in the activation dtype.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.index_select(ids, 0)?.to_dtype(self.dtype)? * self.embed_scale
+    }
+
+    /// Both RoPE tables (global and local layers) gathered for the coming `n` tokens.
+    pub fn rope_ctx(&self, n: usize, cache: &mut dyn KvCache) -> Result<crate::model::RopeCtx> {
         let pos = cache.positions(n, &self.device)?;
         let gather = |r: &Rope| -> Result<(Tensor, Tensor)> {
             Ok((r.cos.index_select(&pos, 0)?.to_dtype(self.dtype)?, r.sin.index_select(&pos, 0)?.to_dtype(self.dtype)?))
         };
-        let (cos_l, sin_l) = gather(&self.rope_local)?;
-        let (cos_g, sin_g) = gather(&self.rope_global)?;
-        let mut x = (self.embed_tokens.index_select(ids, 0)?.to_dtype(self.dtype)? * self.embed_scale)?;
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = &l.params;
-            let h = l.input_layernorm.forward(&x, diff)?;
-            let q = l.q_proj.forward(&h)?.reshape((n, p.n_heads, p.head_dim))?;
-            let k = l.k_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
-            let v = l.v_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
-            let q = l.q_norm.forward(&q, diff)?;
-            let k = l.k_norm.forward(&k, diff)?;
-            let (cos, sin) = if p.sliding_window.is_some() { (&cos_l, &sin_l) } else { (&cos_g, &sin_g) };
-            let q = Rope::apply(&q, cos, sin, diff)?;
-            let k = Rope::apply(&k, cos, sin, diff)?;
-            let o = cache.attend(i, &q, &k, &v, p)?;
-            let o = l.post_attention_layernorm.forward(&l.o_proj.forward(&o)?, diff)?;
-            let x1 = (x + o)?;
-            let h = l.pre_feedforward_layernorm.forward(&x1, diff)?;
-            let g = l.gate_proj.forward(&h)?;
-            let g = if g.dtype() == DType::F64 { g.gelu()? } else { g.to_dtype(DType::F32)?.gelu()?.to_dtype(g.dtype())? };
-            let m = l.down_proj.forward(&(g * l.up_proj.forward(&h)?)?)?;
-            x = (x1 + l.post_feedforward_layernorm.forward(&m, diff)?)?;
-        }
-        self.norm.forward(&x, diff)
+        Ok(crate::model::RopeCtx { global: gather(&self.rope_global)?, local: Some(gather(&self.rope_local)?), differentiable: cache.differentiable() })
+    }
+
+    /// Decoder block `i` on the hidden states `x` (`[n, hidden]`).
+    pub fn block(&self, i: usize, x: &Tensor, ctx: &crate::model::RopeCtx, cache: &mut dyn KvCache) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let diff = ctx.differentiable;
+        let l = &self.layers[i];
+        let p = &l.params;
+        let h = l.input_layernorm.forward(x, diff)?;
+        let q = l.q_proj.forward(&h)?.reshape((n, p.n_heads, p.head_dim))?;
+        let k = l.k_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
+        let v = l.v_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
+        let q = l.q_norm.forward(&q, diff)?;
+        let k = l.k_norm.forward(&k, diff)?;
+        let (cos, sin) = match (&ctx.local, p.sliding_window.is_some()) {
+            (Some((c, s)), true) => (c, s),
+            _ => (&ctx.global.0, &ctx.global.1),
+        };
+        let q = Rope::apply(&q, cos, sin, diff)?;
+        let k = Rope::apply(&k, cos, sin, diff)?;
+        let o = cache.attend(i, &q, &k, &v, p)?;
+        let o = l.post_attention_layernorm.forward(&l.o_proj.forward(&o)?, diff)?;
+        let x1 = (x + o)?;
+        let h = l.pre_feedforward_layernorm.forward(&x1, diff)?;
+        let g = l.gate_proj.forward(&h)?;
+        let g = if g.dtype() == DType::F64 { g.gelu()? } else { g.to_dtype(DType::F32)?.gelu()?.to_dtype(g.dtype())? };
+        let m = l.down_proj.forward(&(g * l.up_proj.forward(&h)?)?)?;
+        x1 + l.post_feedforward_layernorm.forward(&m, diff)?
     }
 
     /// Logits (f32), soft-capped when the config says so.

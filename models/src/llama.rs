@@ -177,31 +177,48 @@ impl Llama {
 
     /// Hidden states after the final norm, `[n, hidden]`, for the packed `ids` (`[n]`, u32).
     pub fn forward(&self, ids: &Tensor, cache: &mut dyn KvCache) -> Result<Tensor> {
-        let n = ids.dim(0)?;
-        let diff = cache.differentiable();
+        let ctx = self.rope_ctx(ids.dim(0)?, cache)?;
+        let mut x = self.embed(ids)?;
+        for i in 0..self.layers.len() {
+            x = self.block(i, &x, &ctx, cache)?;
+        }
+        self.norm.forward(&x, ctx.differentiable)
+    }
+
+    /// The input embeddings of `ids` in the activation dtype.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.index_select(ids, 0)?.to_dtype(self.dtype)
+    }
+
+    /// RoPE tables gathered for the positions the cache gives the coming `n` tokens.
+    pub fn rope_ctx(&self, n: usize, cache: &mut dyn KvCache) -> Result<crate::model::RopeCtx> {
         let pos = cache.positions(n, &self.device)?;
         let cos = self.rope.cos.index_select(&pos, 0)?.to_dtype(self.dtype)?;
         let sin = self.rope.sin.index_select(&pos, 0)?.to_dtype(self.dtype)?;
-        let mut x = self.embed_tokens.index_select(ids, 0)?.to_dtype(self.dtype)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let residual = x.clone();
-            let h = layer.input_layernorm.forward(&x, diff)?;
-            let a = &layer.self_attn;
-            let p = &a.params;
-            let q = a.q_proj.forward(&h)?.reshape((n, p.n_heads, p.head_dim))?;
-            let k = a.k_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
-            let v = a.v_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
-            let q = Rope::apply(&q, &cos, &sin, diff)?;
-            let k = Rope::apply(&k, &cos, &sin, diff)?;
-            let o = cache.attend(i, &q, &k, &v, p)?;
-            let x1 = (residual + a.o_proj.forward(&o)?)?;
-            let h = layer.post_attention_layernorm.forward(&x1, diff)?;
-            let m = &layer.mlp;
-            let g = m.gate_proj.forward(&h)?.silu()?;
-            let u = m.up_proj.forward(&h)?;
-            x = (x1 + m.down_proj.forward(&(g * u)?)?)?;
-        }
-        self.norm.forward(&x, diff)
+        Ok(crate::model::RopeCtx { global: (cos, sin), local: None, differentiable: cache.differentiable() })
+    }
+
+    /// Decoder block `i` on the hidden states `x` (`[n, hidden]`).
+    pub fn block(&self, i: usize, x: &Tensor, ctx: &crate::model::RopeCtx, cache: &mut dyn KvCache) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let diff = ctx.differentiable;
+        let (cos, sin) = &ctx.global;
+        let layer = &self.layers[i];
+        let h = layer.input_layernorm.forward(x, diff)?;
+        let a = &layer.self_attn;
+        let p = &a.params;
+        let q = a.q_proj.forward(&h)?.reshape((n, p.n_heads, p.head_dim))?;
+        let k = a.k_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
+        let v = a.v_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
+        let q = Rope::apply(&q, cos, sin, diff)?;
+        let k = Rope::apply(&k, cos, sin, diff)?;
+        let o = cache.attend(i, &q, &k, &v, p)?;
+        let x1 = (x + a.o_proj.forward(&o)?)?;
+        let h = layer.post_attention_layernorm.forward(&x1, diff)?;
+        let m = &layer.mlp;
+        let g = m.gate_proj.forward(&h)?.silu()?;
+        let u = m.up_proj.forward(&h)?;
+        x1 + m.down_proj.forward(&(g * u)?)?
     }
 
     /// Logits (f32) for hidden states `[m, hidden]`.

@@ -97,6 +97,15 @@ pub enum Format {
     Gguf,
 }
 
+/// RoPE cos/sin gathered once per forward pass for its positions (`local`: Gemma's
+/// sliding-window layers' own base), and whether the pass must be differentiable.
+#[derive(Debug, Clone)]
+pub struct RopeCtx {
+    pub global: (Tensor, Tensor),
+    pub local: Option<(Tensor, Tensor)>,
+    pub differentiable: bool,
+}
+
 /// An architecture instance. Every architecture has the same packed forward.
 #[derive(Debug, Clone)]
 pub enum Model {
@@ -116,6 +125,32 @@ impl Model {
             Model::Llama(m) => m.logits(hidden),
             Model::Gemma3(m) => m.logits(hidden),
         })
+    }
+    /// The forward pass in pieces (`embed`, `rope_ctx`, `block` per layer, `final_norm`),
+    /// for activation checkpointing: `forward` is exactly their composition.
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Model::Llama(m) => m.embed(ids),
+            Model::Gemma3(m) => m.embed(ids),
+        }
+    }
+    pub fn rope_ctx(&self, n: usize, cache: &mut dyn KvCache) -> candle_core::Result<RopeCtx> {
+        match self {
+            Model::Llama(m) => m.rope_ctx(n, cache),
+            Model::Gemma3(m) => m.rope_ctx(n, cache),
+        }
+    }
+    pub fn block(&self, i: usize, x: &Tensor, ctx: &RopeCtx, cache: &mut dyn KvCache) -> candle_core::Result<Tensor> {
+        crate::kernels::pool().install(|| match self {
+            Model::Llama(m) => m.block(i, x, ctx, cache),
+            Model::Gemma3(m) => m.block(i, x, ctx, cache),
+        })
+    }
+    pub fn final_norm(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
+        match self {
+            Model::Llama(m) => m.norm.forward(x, differentiable),
+            Model::Gemma3(m) => m.norm.forward(x, differentiable),
+        }
     }
     pub fn num_layers(&self) -> usize {
         match self {

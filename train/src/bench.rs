@@ -3,7 +3,6 @@
 //! (PyTorch + PEFT) so both run in one benchmark: rows of `seq_len` tokens of brown-uk
 //! text, every token a target, AdamW, `batch` rows per step, `warmup` steps untimed.
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use hromada_models::{DTypeChoice, LoadOptions, LoadedModel};
@@ -17,6 +16,7 @@ use crate::{params, recipe};
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainBench {
     pub mode: String,
+    pub activation_checkpointing: bool,
     pub seq_len: usize,
     pub batch: usize,
     pub steps: usize,
@@ -55,7 +55,8 @@ pub fn corpus_rows(lm: &LoadedModel, corpus: &Path, files: usize, seq_len: usize
     Ok(ids.chunks_exact(seq_len).map(|c| Row { samples: vec![Sample::from_mask(c.to_vec(), &vec![true; seq_len])] }).collect())
 }
 
-pub fn run(model: &str, mode: &str, corpus: &Path, seq_len: usize, batch: usize, steps: usize, warmup: usize, rank: usize) -> Result<TrainBench> {
+#[allow(clippy::too_many_arguments)]
+pub fn run(model: &str, mode: &str, corpus: &Path, seq_len: usize, batch: usize, steps: usize, warmup: usize, rank: usize, recompute: bool) -> Result<TrainBench> {
     let lm = LoadedModel::load(model, &LoadOptions { dtype: DTypeChoice::F32, ..Default::default() })?;
     let rows = corpus_rows(&lm, corpus, 200, seq_len)?;
     if rows.len() < batch {
@@ -73,7 +74,6 @@ pub fn run(model: &str, mode: &str, corpus: &Path, seq_len: usize, batch: usize,
     };
     let n_trainable = ps.iter().map(|p| p.var.elem_count()).sum();
     let mut opt = AdamW::new(OptimSection { lr: 1e-4, weight_decay: 0.0, ..OptimSection::default() }, &ps)?;
-    let _stop = AtomicBool::new(false);
     let (mut first, mut last) = (f64::NAN, f64::NAN);
     let mut t0 = Instant::now();
     for i in 0..warmup + steps {
@@ -82,7 +82,7 @@ pub fn run(model: &str, mode: &str, corpus: &Path, seq_len: usize, batch: usize,
         }
         let start = (i * batch) % (rows.len() - batch + 1);
         let mb: Vec<&Row> = rows[start..start + batch].iter().collect();
-        let (loss, grads, _) = recipe::step_grads(&m, &ps, &[mb])?;
+        let (loss, grads, _) = recipe::step_grads_with(&m, &ps, &[mb], recompute)?;
         opt.step(&ps, &grads, 1e-4)?;
         if i == 0 {
             first = loss;
@@ -92,6 +92,7 @@ pub fn run(model: &str, mode: &str, corpus: &Path, seq_len: usize, batch: usize,
     let dt = t0.elapsed().as_secs_f64();
     Ok(TrainBench {
         mode: mode.into(),
+        activation_checkpointing: recompute,
         seq_len,
         batch,
         steps,

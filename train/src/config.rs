@@ -180,6 +180,9 @@ pub struct RunSection {
     pub export_merged: bool,
     /// Stop after this many steps as if interrupted (testing the resume path).
     pub stop_after: usize,
+    /// Recompute each block's activations in the backward pass instead of keeping them
+    /// (less memory, about one more forward pass of compute).
+    pub activation_checkpointing: bool,
 }
 
 impl Default for RunSection {
@@ -197,6 +200,7 @@ impl Default for RunSection {
             keep_checkpoints: 2,
             export_merged: true,
             stop_after: 0,
+            activation_checkpointing: false,
         }
     }
 }

@@ -43,6 +43,17 @@ pub struct Outcome {
 /// number of target tokens. Each sample is its own causal segment.
 pub fn loss_sum(model: &Model, rows: &[&Row], differentiable: bool) -> Result<(Tensor, usize)> {
     let dev = model.device().clone();
+    let (ids, labels, lens) = pack_rows(rows);
+    if labels.iter().all(|&l| l == IGNORE) {
+        return Ok((Tensor::zeros((), DType::F32, &dev)?, 0));
+    }
+    let n = ids.len();
+    let hidden = model.forward(&Tensor::from_vec(ids, n, &dev)?, &mut Segments::new(lens, differentiable))?;
+    head_loss(model, &hidden, &labels)
+}
+
+/// Packed inputs of `rows`: ids, labels, segment lengths.
+fn pack_rows(rows: &[&Row]) -> (Vec<u32>, Vec<u32>, Vec<usize>) {
     let (mut ids, mut labels, mut lens) = (Vec::new(), Vec::new(), Vec::new());
     for r in rows {
         for s in &r.samples {
@@ -51,18 +62,98 @@ pub fn loss_sum(model: &Model, rows: &[&Row], differentiable: bool) -> Result<(T
             lens.push(s.ids.len());
         }
     }
+    (ids, labels, lens)
+}
+
+/// Summed token loss of the final hidden states `hidden` against `labels`.
+fn head_loss(model: &Model, hidden: &Tensor, labels: &[u32]) -> Result<(Tensor, usize)> {
+    let dev = model.device().clone();
     let (pos, tgt): (Vec<u32>, Vec<u32>) = labels.iter().enumerate().filter(|(_, &l)| l != IGNORE).map(|(i, &l)| (i as u32, l)).unzip();
     if pos.is_empty() {
-        return Ok((Tensor::zeros((), DType::F32, &dev)?, 0));
+        return Ok((Tensor::zeros((), hidden.dtype(), &dev)?, 0));
     }
-    let n = ids.len();
-    let hidden = model.forward(&Tensor::from_vec(ids, n, &dev)?, &mut Segments::new(lens, differentiable))?;
     let k = pos.len();
     let h = hidden.index_select(&Tensor::from_vec(pos, k, &dev)?, 0)?;
     let logits = model.logits(&h)?;
     let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let picked = lsm.gather(&Tensor::from_vec(tgt, (k, 1), &dev)?, 1)?;
     Ok((picked.sum_all()?.neg()?, k))
+}
+
+fn accumulate(grads: &mut HashMap<String, Tensor>, params: &[Param], g: &candle_core::backprop::GradStore) -> Result<()> {
+    for p in params {
+        if let Some(gp) = g.get(p.var.as_tensor()) {
+            let acc = match grads.remove(&p.name) {
+                Some(prev) => (prev + gp)?,
+                None => gp.clone(),
+            };
+            grads.insert(p.name.clone(), acc);
+        }
+    }
+    Ok(())
+}
+
+/// Activation checkpointing: run the blocks without keeping their graphs (storing only
+/// each block's input), then backpropagate block by block from the top, recomputing one
+/// block's graph at a time. Peak memory holds one block's activations instead of all;
+/// the compute is about one extra forward pass. Adds `scale ×` the gradients of the
+/// micro-batch's summed loss to `grads`; returns (loss sum, targets).
+fn recompute_grads(model: &Model, params: &[Param], rows: &[&Row], scale: f64, grads: &mut HashMap<String, Tensor>) -> Result<(f64, usize)> {
+    let dev = model.device().clone();
+    let (ids, labels, lens) = pack_rows(rows);
+    let n = ids.len();
+    let ids = Tensor::from_vec(ids, n, &dev)?;
+    let mut seg = Segments::new(lens, true);
+    let ctx = model.rope_ctx(n, &mut seg)?;
+    let mut xs = vec![model.embed(&ids)?.detach()];
+    for i in 0..model.num_layers() {
+        let x = model.block(i, &xs[i], &ctx, &mut seg)?.detach();
+        xs.push(x);
+    }
+    let top = candle_core::Var::from_tensor(&xs[model.num_layers()])?;
+    let hidden = model.final_norm(top.as_tensor(), true)?;
+    let (ls, k) = head_loss(model, &hidden, &labels)?;
+    if k == 0 {
+        return Ok((0.0, 0));
+    }
+    let loss = ls.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let g = (ls * scale)?.backward()?;
+    accumulate(grads, params, &g)?;
+    let mut gx = g.get(top.as_tensor()).cloned().ok_or_else(|| Error::Other("no gradient reached the last block".into()))?;
+    for i in (0..model.num_layers()).rev() {
+        let xi = candle_core::Var::from_tensor(&xs[i])?;
+        let out = model.block(i, xi.as_tensor(), &ctx, &mut seg)?;
+        let g = (out * gx.detach())?.sum_all()?.backward()?;
+        accumulate(grads, params, &g)?;
+        gx = match g.get(xi.as_tensor()) {
+            Some(t) => t.clone(),
+            None => gx.zeros_like()?,
+        };
+    }
+    // The embedding (a parameter in full fine-tuning).
+    let e = model.embed(&ids)?;
+    let g = (e * gx.detach())?.sum_all()?.backward()?;
+    accumulate(grads, params, &g)?;
+    Ok((loss, k))
+}
+
+/// Gradients of one optimizer step over `micro_batches`, normalised by the step's
+/// total target tokens. Returns (mean loss per token, gradients by name, target tokens).
+/// `recompute`: activation checkpointing (same gradients, less memory).
+pub fn step_grads_with(model: &Model, params: &[Param], micro_batches: &[Vec<&Row>], recompute: bool) -> Result<(f64, HashMap<String, Tensor>, usize)> {
+    if !recompute {
+        return step_grads(model, params, micro_batches);
+    }
+    let total: usize = micro_batches.iter().flat_map(|mb| mb.iter()).map(|r| r.n_targets()).sum();
+    let mut grads = HashMap::new();
+    let mut loss = 0f64;
+    if total == 0 {
+        return Ok((0.0, grads, 0));
+    }
+    for mb in micro_batches {
+        loss += recompute_grads(model, params, mb, 1.0 / total as f64, &mut grads)?.0;
+    }
+    Ok((loss / total as f64, grads, total))
 }
 
 /// Gradients of one optimizer step over `micro_batches`, normalised by the step's
@@ -80,17 +171,8 @@ pub fn step_grads(model: &Model, params: &[Param], micro_batches: &[Vec<&Row>]) 
             continue;
         }
         loss += ls.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let scaled = (ls / total as f64)?;
-        let g = scaled.backward()?;
-        for p in params {
-            if let Some(gp) = g.get(p.var.as_tensor()) {
-                let acc = match grads.remove(&p.name) {
-                    Some(prev) => (prev + gp)?,
-                    None => gp.clone(),
-                };
-                grads.insert(p.name.clone(), acc);
-            }
-        }
+        let g = (ls / total as f64)?.backward()?;
+        accumulate(&mut grads, params, &g)?;
     }
     Ok((loss / total as f64, grads, total))
 }
@@ -277,7 +359,7 @@ pub fn run(task: Task, cfg: &TrainConfig, config_path: &Path, resume: bool, stop
             mbs.push((0..cfg.run.micro_batch_size).map(|k| &train_rows[order.row(base + k)]).collect());
         }
         params::set_lora_mode(&mut lm.model, true, cfg.run.seed ^ ((state.micro_batches as u64) << 20));
-        let (loss, mut grads, n_tokens) = step_grads(&lm.model, &params, &mbs)?;
+        let (loss, mut grads, n_tokens) = step_grads_with(&lm.model, &params, &mbs, cfg.run.activation_checkpointing)?;
         let norm = grad_norm(&grads)?;
         let skipped = !norm.is_finite() || !loss.is_finite();
         if skipped {

@@ -166,3 +166,22 @@ fn lora_on_a_quantized_gguf_base_gets_gradients_through_the_frozen_layers() {
     let cos: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>() / (na * nb);
     assert!(cos > 0.9, "gradient through the quantized base points elsewhere (cosine {cos})");
 }
+
+#[test]
+fn activation_checkpointing_gives_the_same_gradients() {
+    let mut m = tiny_f64("recompute");
+    let ps = params::full_params(&mut m).unwrap();
+    let rows = rows(6, 300);
+    let mbs = [vec![&rows[0]], vec![&rows[1]]];
+    let (l1, g1, n1) = recipe::step_grads_with(&m, &ps, &mbs, false).unwrap();
+    let (l2, g2, n2) = recipe::step_grads_with(&m, &ps, &mbs, true).unwrap();
+    assert_eq!(n1, n2);
+    assert!((l1 - l2).abs() < 1e-12, "loss {l1} vs {l2}");
+    assert_eq!(g1.len(), g2.len());
+    for p in &ps {
+        let a = g1[&p.name].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let b = g2[&p.name].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / (1e-12 + x.abs().max(y.abs()))).fold(0f64, f64::max);
+        assert!(worst < 1e-9, "{}: recomputed gradient differs (rel {worst:e})", p.name);
+    }
+}
