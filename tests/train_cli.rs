@@ -288,3 +288,75 @@ seed = 1
     assert_eq!(a, b);
     assert!(!a.trim().is_empty());
 }
+
+#[test]
+fn pretraining_on_the_data_pipelines_token_shards() {
+    let dir = tmpdir("pretrain");
+    // 30 brown-uk texts -> normalise -> SmolLM2 token shards.
+    let shared = std::env::var("HROMADA_SHARED").map(PathBuf::from).unwrap_or_else(|_| root().join("../shared"));
+    let src = shared.join("data/uk/brown-uk/data/good");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    std::fs::create_dir_all(dir.join("in")).unwrap();
+    for f in files.iter().take(30) {
+        std::fs::copy(f, dir.join("in").join(f.file_name().unwrap())).unwrap();
+    }
+    let pipe = dir.join("p.yaml");
+    std::fs::write(&pipe, "input: {path: in, format: text}\noutput: {path: out, format: jsonl}\ntasks: 2\nsteps:\n  - normalise: {}\n  - tokenize: {tokenizer: smollm2-135m}\n").unwrap();
+    let o = bin().args(["data", "run", pipe.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shards = dir.join("out/tokens");
+    assert!(shards.exists(), "no token shards at {}", shards.display());
+    let model = tiny_model(&dir);
+    let cfg = dir.join("pt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nseq_len = 128\nval_fraction = 0.05\nmax_samples = 200\n[method]\nkind = \"full\"\n[optim]\nlr = 3e-3\nwarmup_steps = 2\n[run]\noutput = \"{}\"\nmax_steps = 12\nmicro_batch_size = 2\neval_every = 12\nactivation_checkpointing = true\n",
+            model.display(),
+            shards.display(),
+            dir.join("run").display()
+        ),
+    )
+    .unwrap();
+    let o = bin().args(["train", "pretrain", cfg.to_str().unwrap(), "--no-progress"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run/summary.json")).unwrap()).unwrap();
+    assert_eq!(s["data"]["samples"].as_u64(), Some(200));
+    let (first, last) = (s["first_val_loss"].as_f64().unwrap(), s["final_val_loss"].as_f64().unwrap());
+    assert!(last < first, "validation loss {first} -> {last}");
+    // Full fine-tuning exports a whole model directory that loads and generates.
+    let g = bin().args(["generate", "--model", dir.join("run/model").to_str().unwrap(), "--prompt", "Україна", "--max-tokens", "4", "--temperature", "0"]).output().unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    // A shard for another vocabulary is refused with the file named.
+    let o = bin().args(["train", "pretrain", cfg.to_str().unwrap(), "--no-progress", "--set", &format!("data.train={}", model.join("config.json").display())]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("config.json"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn qlora_sft_of_gemma3_270m_on_its_quantized_gguf() {
+    let dir = tmpdir("gemma3");
+    let data = chat_set(&dir, 200);
+    let cfg = dir.join("g.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = \"gemma3-270m\"\ndtype = \"quantized\"\n[data]\ntrain = \"{}\"\nseq_len = 128\nval_fraction = 0.15\nmax_samples = 40\n[lora]\nrank = 8\nalpha = 16\ntarget_modules = [\"q_proj\", \"v_proj\", \"gate_proj\", \"down_proj\"]\n[optim]\nlr = 2e-3\nwarmup_steps = 1\n[run]\noutput = \"{}\"\nmax_steps = 4\nmicro_batch_size = 2\neval_every = 4\nexport_merged = false\n",
+            data.display(),
+            dir.join("run").display()
+        ),
+    )
+    .unwrap();
+    run_ok(&cfg, false);
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run/summary.json")).unwrap()).unwrap();
+    let (first, last) = (s["first_val_loss"].as_f64().unwrap(), s["final_val_loss"].as_f64().unwrap());
+    assert!(last < first, "Gemma 3 validation loss {first} -> {last}");
+    // The adapter applies in `generate` on the same quantized base.
+    let g = bin()
+        .args(["generate", "--model", "gemma3-270m", "--adapter", dir.join("run/adapter").to_str().unwrap(), "--chat", "--prompt", "Що передбачає Стаття 3 Конституції України?", "--max-tokens", "6", "--temperature", "0"])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    assert!(!String::from_utf8_lossy(&g.stdout).trim().is_empty());
+}

@@ -185,3 +185,35 @@ fn activation_checkpointing_gives_the_same_gradients() {
         assert!(worst < 1e-9, "{}: recomputed gradient differs (rel {worst:e})", p.name);
     }
 }
+
+/// A tiny Gemma 3 in f64 (sliding and global layers, q/k norms, soft-capped logits).
+fn tiny_gemma3_f64(name: &str) -> Model {
+    let dir = tmpdir(name);
+    let tok = hromada_models::model::load_tokenizer("smollm2-135m").expect("run scripts/setup.sh first");
+    hromada_models::testing::write_tiny_gemma3(&dir, &tok.json, 300, 16, 2).unwrap();
+    let cfg_path = dir.join("config.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let cfg = hromada_models::gemma3::Gemma3Config::from_hf_json(&v, &cfg_path).unwrap();
+    let ws = WeightSource::safetensors_dir(&dir, DType::F64, &Device::Cpu).unwrap();
+    Model::Gemma3(Box::new(hromada_models::gemma3::Gemma3::load(cfg, &ws, false).unwrap()))
+}
+
+#[test]
+fn gemma3_full_and_lora_gradients_match_finite_differences() {
+    let mut m = tiny_gemma3_f64("gemmafull");
+    let ps = params::full_params(&mut m).unwrap();
+    for k in ["self_attn.q_norm.weight", "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight", "mlp.gate_proj.weight", "model.embed_tokens.weight"] {
+        assert!(ps.iter().any(|p| p.name.ends_with(k)), "no trainable parameter of kind {k}");
+    }
+    // Rows longer than the sliding window (4) so both attention kinds matter.
+    let rows = rows(8, 300);
+    assert!(check(&m, &ps, &rows, 2) >= ps.len() * 2);
+    let mut m = tiny_gemma3_f64("gemmalora");
+    let cfg = LoraSection { rank: 2, alpha: 4.0, target_modules: vec!["all-linear".into()], ..LoraSection::default() };
+    let (_, ps) = params::attach_lora(&mut m, &cfg, 5, std::path::Path::new("test")).unwrap();
+    for p in ps.iter().filter(|p| p.name.ends_with("lora_B")) {
+        let v = Tensor::ones(p.var.shape(), DType::F64, &Device::Cpu).unwrap();
+        p.var.set(&(v * 0.1).unwrap()).unwrap();
+    }
+    assert!(check(&m, &ps, &rows, 1) > 0);
+}
