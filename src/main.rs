@@ -33,9 +33,72 @@ enum Cmd {
     /// Fine-tune a model: LoRA or full, chat SFT or continued pretraining.
     #[command(subcommand)]
     Train(TrainCmd),
+    /// Evaluate a model (in process) or a server (OpenAI-compatible) on tasks.
+    #[command(subcommand)]
+    Eval(EvalCmd),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Run tasks (tasks/*.yaml, or paths to task files) and write results.
+    Run(EvalRunArgs),
+    /// Per-task deltas of two results.json files with paired-bootstrap 95% intervals.
+    Compare(EvalCompareArgs),
+}
+
+#[derive(Args)]
+struct EvalRunArgs {
+    /// The model to evaluate in process (a GGUF, a HF directory, a short name).
+    #[arg(long, conflicts_with = "endpoint")]
+    model: Option<String>,
+    /// Weights for --model: auto, f32, bf16, quantized.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// A PEFT LoRA adapter for --model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// An OpenAI-compatible server (http://host:port or .../v1).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// The served model name (default: the first of GET /v1/models).
+    #[arg(long)]
+    endpoint_model: Option<String>,
+    /// API key for --endpoint.
+    #[arg(long, env = "OPENAI_API_KEY")]
+    api_key: Option<String>,
+    /// Tokenizer for --endpoint log-likelihoods (the served model: a GGUF, directory or short name).
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// Context length of the endpoint's model (rolling windows).
+    #[arg(long, default_value_t = 2048)]
+    max_length: usize,
+    /// Comma-separated task names or YAML paths.
+    #[arg(long)]
+    tasks: String,
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    num_fewshot: usize,
+    /// Generation tasks: send the prompt as a chat user turn.
+    #[arg(long)]
+    apply_chat_template: bool,
+    /// Write results.json and samples_*.jsonl here.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Items per backend call (and per packed forward pass in process).
+    #[arg(long, default_value_t = 32)]
+    batch_items: usize,
+}
+
+#[derive(Args)]
+struct EvalCompareArgs {
+    a: PathBuf,
+    b: PathBuf,
+    #[arg(long, default_value_t = 2000)]
+    bootstrap: usize,
 }
 
 #[derive(Subcommand)]
@@ -410,6 +473,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Serve(a) => serve(a),
+        Cmd::Eval(EvalCmd::Run(a)) => eval_run(a),
+        Cmd::Eval(EvalCmd::Compare(a)) => {
+            print!("{}", hromada_eval::run::compare(&a.a, &a.b, a.bootstrap)?);
+            Ok(())
+        }
         Cmd::Train(TrainCmd::Sft(a)) => train(hromada_train::Task::Sft, a),
         Cmd::Train(TrainCmd::Pretrain(a)) => train(hromada_train::Task::Pretrain, a),
         Cmd::Bench(BenchCmd::Generate(a)) => bench_generate(a),
@@ -476,6 +544,55 @@ fn generate(a: GenerateArgs) -> Result<()> {
         res.decode_tok_per_s(),
         res.finish_reason
     );
+    Ok(())
+}
+
+fn eval_run(a: EvalRunArgs) -> Result<()> {
+    use hromada_eval::backend::{Backend, Http, InProcess};
+    let dirs = vec![PathBuf::from("tasks"), PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tasks")];
+    let mut tasks = Vec::new();
+    for name in a.tasks.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let f = hromada_eval::task::find(name, &dirs)?;
+        tasks.push(hromada_eval::task::Task::load(&f)?);
+    }
+    let t0 = std::time::Instant::now();
+    let (mut backend, sha): (Box<dyn Backend>, Option<String>) = match (&a.model, &a.endpoint) {
+        (Some(m), None) => {
+            let lm = ModelArgs { model: m.clone(), dtype: a.dtype.clone(), adapter: a.adapter.clone() }.load()?;
+            let sha = hromada_eval::run::model_sha256(&lm.path);
+            (Box::new(InProcess { model: lm, batch_tokens: 4096 }), sha)
+        }
+        (None, Some(url)) => {
+            let tok = match &a.tokenizer {
+                Some(t) => Some(hromada_models::model::load_tokenizer(t)?),
+                None => None,
+            };
+            (Box::new(Http::new(url, a.endpoint_model.clone(), a.api_key.clone(), tok, a.max_length)?), None)
+        }
+        _ => bail!("give --model or --endpoint"),
+    };
+    let opts = hromada_eval::run::RunOptions {
+        limit: a.limit,
+        num_fewshot: a.num_fewshot,
+        apply_chat_template: a.apply_chat_template,
+        batch_items: a.batch_items,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let mut results = Vec::new();
+    for t in &tasks {
+        let s = std::time::Instant::now();
+        let r = hromada_eval::run::run_task(t, backend.as_mut(), &opts)?;
+        let secs = s.elapsed().as_secs_f64();
+        eprintln!("{}: {} items in {secs:.1} s ({:.2} items/s)", r.task, r.n, r.n as f64 / secs.max(1e-9));
+        results.push(r);
+    }
+    print!("{}", hromada_eval::run::markdown(&results));
+    if let Some(out) = &a.output {
+        let config = serde_json::json!({"backend": backend.describe(), "model_sha256": sha, "tasks": a.tasks, "limit": a.limit,
+            "num_fewshot": a.num_fewshot, "apply_chat_template": a.apply_chat_template, "seconds": t0.elapsed().as_secs_f64()});
+        hromada_eval::run::write_results(out, &results, config)?;
+        eprintln!("results: {}", out.join("results.json").display());
+    }
     Ok(())
 }
 
