@@ -43,6 +43,10 @@ pub struct DatasetSpec {
     pub format: String,
     #[serde(default)]
     pub extensions: Vec<String>,
+    /// `json` only: every element of this array field is a document (its fields, plus
+    /// `parent`: the file's other fields, and `file`).
+    #[serde(default)]
+    pub records: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -282,13 +286,27 @@ fn load_docs(spec: &DatasetSpec, path: &Path, task_file: &Path) -> Result<Vec<Do
                 let t = std::fs::read_to_string(&f).map_err(|e| Error::io(&f, e))?;
                 let mut v: Value = serde_json::from_str(&t).map_err(|e| Error::task(&f, e.line(), format!("invalid JSON: {e}")))?;
                 let name = f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-                match v.as_object_mut() {
-                    Some(o) => {
-                        o.insert("file".into(), Value::String(name));
+                let Some(o) = v.as_object_mut() else { return Err(Error::task(&f, 1, "a document must be a JSON object")) };
+                o.insert("file".into(), Value::String(name.clone()));
+                match &spec.records {
+                    None => docs.push(Doc { fields: v, source: f.clone(), line: 0 }),
+                    Some(field) => {
+                        let recs = match o.remove(field) {
+                            Some(Value::Array(a)) => a,
+                            _ => return Err(Error::task(&f, 0, format!("dataset.records: `{field}` is not an array here"))),
+                        };
+                        let parent = Value::Object(o.clone());
+                        for r in recs {
+                            let mut r = match r {
+                                Value::Object(m) => m,
+                                other => [("value".to_string(), other)].into_iter().collect(),
+                            };
+                            r.insert("parent".into(), parent.clone());
+                            r.insert("file".into(), Value::String(name.clone()));
+                            docs.push(Doc { fields: Value::Object(r), source: f.clone(), line: 0 });
+                        }
                     }
-                    None => return Err(Error::task(&f, 1, "a document must be a JSON object")),
                 }
-                docs.push(Doc { fields: v, source: f.clone(), line: 0 });
             }
         }
         "text" => {
