@@ -363,16 +363,6 @@ impl Gemma3 {
         })
     }
 
-    /// Hidden states after the final norm, `[n, hidden]`, for the packed `ids`.
-    pub fn forward(&self, ids: &Tensor, cache: &mut dyn KvCache) -> Result<Tensor> {
-        let ctx = self.rope_ctx(ids.dim(0)?, cache)?;
-        let mut x = self.embed(ids)?;
-        for i in 0..self.layers.len() {
-            x = self.block(i, &x, &ctx, cache)?;
-        }
-        self.norm.forward(&x, ctx.differentiable)
-    }
-
     /// Scaled input embeddings of `ids` in the activation dtype.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         self.embed_tokens.index_select(ids, 0)?.to_dtype(self.dtype)? * self.embed_scale

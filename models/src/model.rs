@@ -115,9 +115,14 @@ pub enum Model {
 
 impl Model {
     pub fn forward(&self, ids: &Tensor, cache: &mut dyn KvCache) -> candle_core::Result<Tensor> {
-        crate::kernels::pool().install(|| match self {
-            Model::Llama(m) => m.forward(ids, cache),
-            Model::Gemma3(m) => m.forward(ids, cache),
+        // Every architecture: embeddings, its blocks, the final norm.
+        crate::kernels::pool().install(|| {
+            let ctx = self.rope_ctx(ids.dim(0)?, cache)?;
+            let mut x = self.embed(ids)?;
+            for i in 0..self.num_layers() {
+                x = self.block(i, &x, &ctx, cache)?;
+            }
+            self.final_norm(&x, ctx.differentiable)
         })
     }
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
