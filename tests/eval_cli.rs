@@ -109,6 +109,18 @@ fn perplexity_tasks_and_errors() {
     let t = ok(&["run", "--model", "smollm2-135m", "--tasks", "ppl_laws_uk", "--limit", "3"]);
     assert!(t.contains("ppl_laws_uk | 3 | bits_per_byte"), "{t}");
 
+    // A generation task: greedy until a stop string, exact match / F1 / chrF.
+    std::fs::write(dir.join("gen.jsonl"), "{\"q\": \"Київ — столиця\", \"a\": \"України\"}\n{\"q\": \"1, 2, 3, 4,\", \"a\": \"5\"}\n").unwrap();
+    let gen = dir.join("gen.yaml");
+    std::fs::write(&gen, "task: gen\ndataset: {path: gen.jsonl, format: jsonl}\noutput_type: generate_until\ndoc_to_text: \"{{ q }}\"\ndoc_to_target: \"a\"\nuntil: [\"\\n\", \".\", \",\"]\nmax_gen_toks: 6\n").unwrap();
+    let gout = dir.join("gen-out");
+    let t = ok(&["run", "--model", "smollm2-135m", "--dtype", "f32", "--tasks", gen.to_str().unwrap(), "--output", gout.to_str().unwrap()]);
+    assert!(t.contains("| gen | 2 | chrf |") && t.contains("| gen | 2 | exact_match |") && t.contains("| gen | 2 | f1 |"), "{t}");
+    let gs = samples(&gout, "gen");
+    assert!(gs.iter().all(|x| !x["output"].as_str().unwrap().contains('\n')), "stop strings not applied: {gs:?}");
+    assert_eq!(gs[1]["output"].as_str().unwrap().trim(), "5", "greedy SmolLM2 continues 1, 2, 3, 4, with 5");
+    assert_eq!(gs[1]["exact_match"].as_f64(), Some(1.0));
+
     // A malformed task file: the file and the line.
     let bad = dir.join("bad.yaml");
     std::fs::write(&bad, "task: bad\ndataset: {path: docs, format: text}\noutput_type: [oops\n").unwrap();
