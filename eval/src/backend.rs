@@ -190,6 +190,12 @@ impl Backend for InProcess {
         let mut batch: Vec<usize> = Vec::new();
         let mut batch_len = 0;
         for (ri, r) in reqs.iter().enumerate() {
+            if r.context.is_empty() {
+                return Err(Error::Other(format!("request {ri}: the context has no tokens")));
+            }
+            if r.continuations.is_empty() {
+                continue;
+            }
             if r.continuations.iter().any(|c| c.is_empty()) {
                 return Err(Error::Other(format!("request {ri}: a continuation has no tokens")));
             }
@@ -218,6 +224,9 @@ impl Backend for InProcess {
     fn score_window(&mut self, windows: &[(Vec<u32>, usize)]) -> Result<Vec<Vec<f64>>> {
         let mut out = Vec::with_capacity(windows.len());
         for (w, from) in windows {
+            if *from == 0 || *from > w.len() {
+                return Err(Error::Other(format!("window of {} tokens scored from {from}", w.len())));
+            }
             let positions: Vec<usize> = (*from - 1..w.len() - 1).collect();
             let targets: Vec<u32> = w[*from..].to_vec();
             let lls = self.packed_logprobs(std::slice::from_ref(w), &positions, &targets)?;
@@ -360,7 +369,14 @@ impl Backend for Http {
     fn score_window(&mut self, windows: &[(Vec<u32>, usize)]) -> Result<Vec<Vec<f64>>> {
         let prompts: Vec<Vec<u32>> = windows.iter().map(|w| w.0.clone()).collect();
         let echoed = self.echo_logprobs(&prompts)?;
-        Ok(echoed.iter().zip(windows).map(|(e, (w, from))| e[*from..w.len().min(e.len())].iter().map(|p| p.0.unwrap_or(f64::NAN)).collect()).collect())
+        echoed
+            .iter()
+            .zip(windows)
+            .map(|(e, (w, from))| match e.get(*from..w.len()) {
+                Some(part) => Ok(part.iter().map(|p| p.0.unwrap_or(f64::NAN)).collect()),
+                None => Err(Error::Http { url: self.base.clone(), msg: format!("echo returned {} tokens for a window of {}", e.len(), w.len()) }),
+            })
+            .collect()
     }
 
     fn generate(&mut self, prompt: &str, chat: bool, until: &[String], max_tokens: usize) -> Result<String> {

@@ -101,6 +101,7 @@ pub fn chrf(pred: &str, gold: &str) -> f64 {
 /// `stat` maps a resample (item indices) to the metric, so ratio metrics (bits per byte)
 /// resample numerator and denominator together.
 pub fn paired_bootstrap(n: usize, reps: usize, seed: u64, stat_a: impl Fn(&[usize]) -> f64, stat_b: impl Fn(&[usize]) -> f64) -> (f64, f64, f64) {
+    let reps = reps.max(1);
     let all: Vec<usize> = (0..n).collect();
     let delta = stat_b(&all) - stat_a(&all);
     if n == 0 {
