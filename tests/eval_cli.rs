@@ -18,8 +18,7 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn eval(args: &[&str]) -> std::process::Output {
-    let o = bin().arg("eval").args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
-    o
+    bin().arg("eval").args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
 }
 
 fn ok(args: &[&str]) -> String {

@@ -111,12 +111,26 @@ fn bar(opts: &RunOptions, n: usize, name: &str) -> indicatif::ProgressBar {
     b
 }
 
+/// One per-item sample line: where the document came from, `extra` fields, the metrics.
+fn sample(d: &Doc, i: usize, extra: Value, metrics: &BTreeMap<String, f64>) -> Value {
+    let mut o = serde_json::Map::new();
+    o.insert("doc_id".into(), json!(i));
+    o.insert("source".into(), json!(d.source.display().to_string()));
+    o.insert("line".into(), json!(d.line));
+    if let Value::Object(e) = extra {
+        o.extend(e);
+    }
+    for (k, v) in metrics {
+        o.insert(k.clone(), json!(v));
+    }
+    Value::Object(o)
+}
+
 pub fn run_task(task: &Task, backend: &mut dyn Backend, opts: &RunOptions) -> Result<TaskResult> {
     let n = opts.limit.map(|l| l.min(task.docs.len())).unwrap_or(task.docs.len());
     let mut rows: Vec<(Option<String>, BTreeMap<String, f64>)> = Vec::with_capacity(n);
     let mut samples = Vec::with_capacity(n);
     let pb = bar(opts, n, &task.spec.task);
-    let doc_meta = |d: &Doc, i: usize| json!({"doc_id": i, "source": d.source.display().to_string(), "line": d.line});
     match task.spec.output_type {
         OutputType::MultipleChoice => {
             let tok = backend.tokenizer().cloned().ok_or_else(|| Error::Other(format!("task {}: log-likelihood scoring needs the model's tokenizer (pass --tokenizer)", task.spec.task)))?;
@@ -146,19 +160,9 @@ pub fn run_task(task: &Task, backend: &mut dyn Backend, opts: &RunOptions) -> Re
                     ]
                     .into_iter()
                     .collect();
-                    let mut s = doc_meta(&task.docs[i], i);
-                    if let Some(o) = s.as_object_mut() {
-                        o.insert("choices".into(), json!(choices));
-                        o.insert("loglikelihoods".into(), json!(lp));
-                        o.insert("is_greedy".into(), json!(ll.iter().map(|l| l.greedy).collect::<Vec<_>>()));
-                        o.insert("pred".into(), json!(pred));
-                        o.insert("gold".into(), json!(gold));
-                        o.insert("group".into(), json!(group));
-                        for (k, v) in &m {
-                            o.insert(k.clone(), json!(v));
-                        }
-                    }
-                    samples.push(s);
+                    let greedy: Vec<bool> = ll.iter().map(|l| l.greedy).collect();
+                    let extra = json!({"choices": choices, "loglikelihoods": lp, "is_greedy": greedy, "pred": pred, "gold": gold, "group": group});
+                    samples.push(sample(&task.docs[i], i, extra, &m));
                     rows.push((group, m));
                 }
                 pb.set_position(end as u64);
@@ -189,16 +193,8 @@ pub fn run_task(task: &Task, backend: &mut dyn Backend, opts: &RunOptions) -> Re
                 tot_bytes += bytes;
                 tot_tokens += ids.len();
                 let group = task.group(d)?;
-                let mut s = doc_meta(d, i);
-                if let Some(o) = s.as_object_mut() {
-                    o.insert("nll".into(), json!(nll));
-                    o.insert("tokens".into(), json!(ids.len()));
-                    o.insert("words".into(), json!(words));
-                    o.insert("bytes".into(), json!(bytes));
-                    o.insert("windows".into(), json!(windows.len()));
-                    o.insert("group".into(), json!(group));
-                }
-                samples.push(s);
+                let extra = json!({"nll": nll, "tokens": ids.len(), "words": words, "bytes": bytes, "windows": windows.len(), "group": group});
+                samples.push(sample(d, i, extra, &BTreeMap::new()));
                 rows.push((group, BTreeMap::new()));
                 pb.set_position(i as u64 + 1);
             }
@@ -244,16 +240,7 @@ pub fn run_task(task: &Task, backend: &mut dyn Backend, opts: &RunOptions) -> Re
                 .into_iter()
                 .collect();
                 let group = task.group(d)?;
-                let mut s = doc_meta(d, i);
-                if let Some(o) = s.as_object_mut() {
-                    o.insert("output".into(), json!(out));
-                    o.insert("gold".into(), json!(gold));
-                    o.insert("group".into(), json!(group));
-                    for (k, v) in &m {
-                        o.insert(k.clone(), json!(v));
-                    }
-                }
-                samples.push(s);
+                samples.push(sample(d, i, json!({"output": out, "gold": gold, "group": group}), &m));
                 rows.push((group, m));
                 pb.set_position(i as u64 + 1);
             }

@@ -184,11 +184,7 @@ impl Task {
             need(&spec.doc_to_target, "doc_to_target")?;
         }
         let mut env = env();
-        for (name, src) in [("text", Some(&spec.doc_to_text))] {
-            if let Some(src) = src {
-                env.add_template_owned(name.to_string(), src.clone()).map_err(|e| Error::task(file, 0, format!("doc_to_{name}: {e}")))?;
-            }
-        }
+        env.add_template_owned("text".to_string(), spec.doc_to_text.clone()).map_err(|e| Error::task(file, 0, format!("doc_to_text: {e}")))?;
         for (what, expr) in [("doc_to_choice", &spec.doc_to_choice), ("doc_to_target", &spec.doc_to_target), ("group_by", &spec.group_by)] {
             if let Some(x) = expr {
                 env.compile_expression(x).map_err(|e| Error::task(file, 0, format!("{what}: {e}")))?;
