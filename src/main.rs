@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use hromada_models::chat::Message;
 use hromada_models::model::{DEFAULT_MODEL, resolve};
 use hromada_models::sampling::SamplingParams;
-use hromada_models::{DTypeChoice, LoadOptions, LoadedModel};
+use hromada_models::{DTypeChoice, DeviceChoice, LoadOptions, LoadedModel};
 
 #[derive(Parser)]
 #[command(name = "hromada", version, about = "A sovereign LLM stack: data, train, serve, eval")]
@@ -60,6 +60,9 @@ struct EvalRunArgs {
     /// A PEFT LoRA adapter for --model.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Where --model runs: auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// An OpenAI-compatible server (http://host:port or .../v1).
     #[arg(long)]
     endpoint: Option<String>,
@@ -235,13 +238,18 @@ struct ModelArgs {
     /// adapter_model.safetensors), applied on top of the model.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Where to run: auto (the GPU when this binary has CUDA and one answers, else the
+    /// CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 impl ModelArgs {
     fn load(&self) -> Result<LoadedModel> {
         let dtype: DTypeChoice = self.dtype.parse()?;
+        let device = self.device.parse::<DeviceChoice>()?.device()?;
         let t = std::time::Instant::now();
-        let m = LoadedModel::load(&self.model, &LoadOptions { dtype, ..Default::default() })
+        let m = LoadedModel::load(&self.model, &LoadOptions { dtype, device })
             .with_context(|| format!("loading model `{}`", self.model))?;
         let mut m = m;
         if let Some(dir) = &self.adapter {
@@ -351,6 +359,13 @@ struct BenchTrainArgs {
     /// Recompute activations in the backward pass (hromada only).
     #[arg(long)]
     activation_checkpointing: bool,
+    /// auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// no, bf16 or fp16 compute with f32 master weights (default: bf16 on a GPU, no on the
+    /// CPU; PyTorch's script autocasts to bf16 on CUDA likewise).
+    #[arg(long)]
+    mixed_precision: Option<String>,
     /// A Python with torch, transformers and peft: run scripts/bench_train_torch.py on the
     /// same model (converted to a HF directory), data and config in the same run.
     #[arg(long)]
@@ -558,7 +573,7 @@ fn eval_run(a: EvalRunArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let (mut backend, sha): (Box<dyn Backend>, Option<String>) = match (&a.model, &a.endpoint) {
         (Some(m), None) => {
-            let lm = ModelArgs { model: m.clone(), dtype: a.dtype.clone(), adapter: a.adapter.clone() }.load()?;
+            let lm = ModelArgs { model: m.clone(), dtype: a.dtype.clone(), adapter: a.adapter.clone(), device: a.device.clone() }.load()?;
             let sha = hromada_eval::run::model_sha256(&lm.path);
             (Box::new(InProcess { model: lm, batch_tokens: 4096 }), sha)
         }
@@ -849,9 +864,24 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         let shared = std::env::var("HROMADA_SHARED").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("../shared"));
         shared.join("data/uk/brown-uk/data/good")
     });
+    let device = a.device.parse::<hromada_models::DeviceChoice>()?.device()?;
+    let mixed = a.mixed_precision.clone().unwrap_or_else(|| if device.is_cpu() { "no".into() } else { "bf16".into() });
     let mut rows = Vec::new();
     for mode in a.modes.split(',') {
-        let r = hromada_train::bench::run(&a.model, mode, &corpus, a.seq_len, a.batch, a.steps, a.warmup, a.rank, a.activation_checkpointing)?;
+        let opts = hromada_train::bench::BenchOptions {
+            model: a.model.clone(),
+            mode: mode.to_string(),
+            corpus: corpus.clone(),
+            seq_len: a.seq_len,
+            batch: a.batch,
+            steps: a.steps,
+            warmup: a.warmup,
+            rank: a.rank,
+            recompute: a.activation_checkpointing,
+            device: device.clone(),
+            mixed_precision: mixed.clone(),
+        };
+        let r = hromada_train::bench::run(&opts)?;
         println!(
             "hromada {mode}{}: {:.1} tokens/s, peak RSS {:.2} GiB, loss {:.3} -> {:.3} ({} trainable)",
             if a.activation_checkpointing { " (activation checkpointing)" } else { "" },

@@ -64,7 +64,8 @@ fn zno_in_process_and_over_http_pick_the_same_choices() {
     let _server = Server(child);
     assert!(line.contains("listening"), "server did not start: {line}");
     let b = dir.join("http");
-    ok(&["run", "--endpoint", &format!("http://127.0.0.1:{port}/v1"), "--tokenizer", "smollm2-135m", "--tasks", "zno_uk", "--limit", "4", "--output", b.to_str().unwrap()]);
+    let url = format!("http://127.0.0.1:{port}/v1");
+    ok(&["run", "--endpoint", &url, "--tokenizer", "smollm2-135m", "--tasks", "zno_uk", "--limit", "4", "--output", b.to_str().unwrap()]);
     let sb = samples(&b, "zno_uk");
     for (x, y) in sa.iter().zip(&sb) {
         assert_eq!(x["pred"], y["pred"], "item {} picks differ", x["doc_id"]);
@@ -72,6 +73,29 @@ fn zno_in_process_and_over_http_pick_the_same_choices() {
         for (p, q) in lx.iter().zip(ly) {
             let d = (p.as_f64().unwrap() - q.as_f64().unwrap()).abs();
             assert!(d <= 5e-3, "item {}: in-process {p} vs HTTP {q}", x["doc_id"]);
+        }
+    }
+    // Generation over HTTP (plain completions, and chat completions with
+    // --apply-chat-template) gives the same greedy text as in process.
+    std::fs::write(dir.join("gen.jsonl"), "{\"q\": \"Київ — столиця\", \"a\": \"України\"}\n{\"q\": \"1, 2, 3, 4,\", \"a\": \"5\"}\n").unwrap();
+    let gen = dir.join("gen.yaml");
+    std::fs::write(&gen, "task: gen\ndataset: {path: gen.jsonl, format: jsonl}\noutput_type: generate_until\ndoc_to_text: \"{{ q }}\"\ndoc_to_target: \"a\"\nuntil: [\"\\n\\n\", \".\"]\nmax_gen_toks: 8\n").unwrap();
+    for chat in [false, true] {
+        let (gi, gh) = (dir.join(format!("gen-inproc-{chat}")), dir.join(format!("gen-http-{chat}")));
+        let mut a1 = vec!["run", "--model", "smollm2-135m", "--dtype", "f32", "--tasks", gen.to_str().unwrap(), "--output", gi.to_str().unwrap()];
+        let mut a2 = vec!["run", "--endpoint", &url, "--tasks", gen.to_str().unwrap(), "--output", gh.to_str().unwrap()];
+        if chat {
+            a1.push("--apply-chat-template");
+            a2.push("--apply-chat-template");
+        }
+        ok(&a1);
+        ok(&a2);
+        let (si, sh) = (samples(&gi, "gen"), samples(&gh, "gen"));
+        assert_eq!(si.len(), 2);
+        for (x, y) in si.iter().zip(&sh) {
+            let out = x["output"].as_str().unwrap();
+            assert!(!out.trim().is_empty() || chat, "empty greedy output in process: {x}");
+            assert_eq!(x["output"], y["output"], "chat={chat}: in process vs HTTP for item {}", x["doc_id"]);
         }
     }
     // compare: identical picks give a zero delta.

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod convert;
+pub mod device;
 pub mod error;
 pub mod gemma3;
 pub mod generate;
@@ -23,4 +24,5 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub use device::DeviceChoice;
 pub use model::{DTypeChoice, LoadOptions, LoadedModel, Model};

@@ -175,6 +175,15 @@ impl Model {
             Model::Gemma3(m) => m.dtype,
         }
     }
+    /// Compute in `dtype` whatever the weights are stored in (mixed precision: f32 master
+    /// weights, bf16 activations). Embeddings, RoPE tables and every linear layer cast to
+    /// it; norms compute in f32 internally; the logits come out in f32.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        match self {
+            Model::Llama(m) => m.dtype = dtype,
+            Model::Gemma3(m) => m.dtype = dtype,
+        }
+    }
     pub fn vocab_size(&self) -> usize {
         match self {
             Model::Llama(m) => m.cfg.vocab_size,

@@ -84,18 +84,21 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(model: Arc<LoadedModel>, cfg: EngineConfig) -> Self {
+    /// The engine with its paged K/V cache on the model's device (host memory on the CPU,
+    /// device memory on a GPU).
+    pub fn new(model: Arc<LoadedModel>, cfg: EngineConfig) -> candle_core::Result<Self> {
         let layers = model.model.num_layers();
         let (n_kv, d) = model.model.kv_shape();
         let num_blocks = PagedKv::blocks_for_budget(cfg.kv_cache_bytes, layers, cfg.block_size, n_kv, d).max(1);
         tracing::info!(num_blocks, block_size = cfg.block_size, "paged KV cache");
-        Self {
-            kv: PagedKv::new(layers, num_blocks, cfg.block_size, n_kv, d),
+        let kv = PagedKv::new(layers, num_blocks, cfg.block_size, n_kv, d, model.model.device())?;
+        Ok(Self {
+            kv,
             blocks: BlockManager::new(num_blocks, cfg.block_size),
             sched: Scheduler::new(cfg.scheduler),
             states: HashMap::new(),
             model,
-        }
+        })
     }
 
     /// Queue a request. `top_logprobs`: how many top entries to report per token.
@@ -181,7 +184,7 @@ impl Engine {
         }
         let device = self.model.model.device().clone();
         let input = Tensor::new(ids.as_slice(), &device)?;
-        let mut batch = PagedBatch { kv: &mut self.kv, seqs };
+        let mut batch = PagedBatch::new(&mut self.kv, seqs);
         let hidden = self.model.model.forward(&input, &mut batch)?;
         let all_rows: Vec<u32> = sample_rows.iter().copied().chain(prompt_rows.iter().map(|r| r.2)).collect();
         let mut logits: Vec<Vec<f32>> = if all_rows.is_empty() {

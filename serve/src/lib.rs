@@ -11,6 +11,8 @@ pub mod bench;
 pub mod block_manager;
 pub mod engine;
 pub mod paged;
+#[cfg(feature = "cuda")]
+pub mod paged_cuda;
 pub mod metrics;
 pub mod openapi;
 pub mod scheduler;

@@ -19,19 +19,36 @@ pub struct PagedKv {
     pub head_dim: usize,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// On a GPU the blocks live in device memory instead (`k`, `v` stay empty).
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::paged_cuda::CudaKv>,
 }
 
 impl PagedKv {
-    pub fn new(layers: usize, num_blocks: usize, block_size: usize, n_kv: usize, head_dim: usize) -> Self {
+    /// The blocks on `device`: host memory for the CPU, device memory for a GPU.
+    pub fn new(layers: usize, num_blocks: usize, block_size: usize, n_kv: usize, head_dim: usize, device: &Device) -> Result<Self> {
         let n = num_blocks * block_size * n_kv * head_dim;
-        Self {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = device {
+            if head_dim > crate::paged_cuda::MAX_HEAD_DIM {
+                candle_core::bail!("head dim {head_dim} is above the GPU attention kernel's {}", crate::paged_cuda::MAX_HEAD_DIM);
+            }
+            let gpu = crate::paged_cuda::CudaKv::new(dev, layers, n)?;
+            return Ok(Self { block_size, num_blocks, n_kv, head_dim, k: Vec::new(), v: Vec::new(), gpu: Some(gpu) });
+        }
+        if !device.is_cpu() {
+            candle_core::bail!("the paged K/V cache runs on the CPU or a CUDA GPU, not {device:?}");
+        }
+        Ok(Self {
             block_size,
             num_blocks,
             n_kv,
             head_dim,
             k: (0..layers).map(|_| vec![0f32; n]).collect(),
             v: (0..layers).map(|_| vec![0f32; n]).collect(),
-        }
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        })
     }
 
     /// How many blocks fit in `bytes` (K and V, f32, all layers).
@@ -53,9 +70,21 @@ pub struct BatchSeq {
 pub struct PagedBatch<'a> {
     pub kv: &'a mut PagedKv,
     pub seqs: Vec<BatchSeq>,
+    /// The batch's slots and block tables in GPU memory, uploaded at the first layer.
+    #[cfg(feature = "cuda")]
+    meta: Option<crate::paged_cuda::BatchMeta>,
 }
 
-impl PagedBatch<'_> {
+impl<'a> PagedBatch<'a> {
+    pub fn new(kv: &'a mut PagedKv, seqs: Vec<BatchSeq>) -> Self {
+        Self {
+            kv,
+            seqs,
+            #[cfg(feature = "cuda")]
+            meta: None,
+        }
+    }
+
     fn slot(&self, s: &BatchSeq, pos: usize) -> Option<usize> {
         let bs = self.kv.block_size;
         s.table.get(pos / bs).map(|&b| b as usize * bs + pos % bs)
@@ -77,6 +106,14 @@ impl KvCache for PagedBatch<'_> {
         let n_kv = self.kv.n_kv;
         if d != self.kv.head_dim || k.dim(1)? != n_kv {
             candle_core::bail!("K/V shape {:?} does not match the paged cache ({n_kv} heads of {})", k.dims(), self.kv.head_dim);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.kv.gpu {
+            if self.meta.is_none() {
+                self.meta = Some(crate::paged_cuda::BatchMeta::new(&gpu.dev, &self.seqs, self.kv.block_size)?);
+            }
+            let Some(meta) = &self.meta else { candle_core::bail!("batch metadata missing") };
+            return crate::paged_cuda::attend(gpu, meta, self.kv.block_size, layer, q, k, v, p);
         }
         let dev = q.device().clone();
         let qv = q.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;

@@ -725,7 +725,7 @@ pub async fn serve(model: LoadedModel, cfg: ServeConfig) -> Result<(), String> {
     let model_name = cfg.served_model_name.clone().unwrap_or_else(|| model.id.clone());
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = std::sync::mpsc::channel();
-    let engine = Engine::new(model.clone(), cfg.engine.clone());
+    let engine = Engine::new(model.clone(), cfg.engine.clone()).map_err(|e| format!("cannot create the paged K/V cache: {e}"))?;
     let m2 = metrics.clone();
     let engine_thread = std::thread::Builder::new()
         .name("hromada-engine".into())

@@ -42,7 +42,7 @@ fn batched_greedy_equals_one_at_a_time_and_the_reference() {
         kv_cache_bytes: 64 << 20,
         scheduler: SchedulerConfig { max_num_seqs: 16, max_num_batched_tokens: 48 },
     };
-    let mut e = Engine::new(m.clone(), cfg.clone());
+    let mut e = Engine::new(m.clone(), cfg.clone()).unwrap();
     for (i, (p, _)) in prompts.iter().enumerate() {
         e.add(i as u64, p.clone(), greedy(n_new), 0).unwrap();
     }
@@ -58,7 +58,7 @@ fn batched_greedy_equals_one_at_a_time_and_the_reference() {
     assert!(max_batch >= 6, "sequences decode together (max {max_batch} per step)");
     assert_eq!(e.blocks.num_used(), 0, "every block returned");
     for (i, (p, want)) in prompts.iter().enumerate() {
-        let mut solo = Engine::new(m.clone(), cfg.clone());
+        let mut solo = Engine::new(m.clone(), cfg.clone()).unwrap();
         solo.add(0, p.clone(), greedy(n_new), 0).unwrap();
         let alone = solo.run_to_completion().unwrap().remove(&0).unwrap();
         assert_eq!(batched[&(i as u64)], alone, "prompt {i}: batched != alone");
@@ -73,13 +73,13 @@ fn prefix_cache_hits_and_preemption_change_nothing() {
     let mk = |q: &str| -> Vec<u32> { system.iter().copied().chain(m.tokenizer.encode(q, false).unwrap()).collect() };
     let (a, b) = (mk("Як отримати паспорт?"), mk("Що таке Дія?"));
     let big = EngineConfig::default();
-    let mut e = Engine::new(m.clone(), big.clone());
+    let mut e = Engine::new(m.clone(), big.clone()).unwrap();
     e.add(1, a.clone(), greedy(6), 0).unwrap();
     let _ = e.run_to_completion().unwrap().remove(&1).unwrap();
     e.add(2, b.clone(), greedy(6), 0).unwrap();
     let rb = e.run_to_completion().unwrap().remove(&2).unwrap();
     assert!(e.blocks.prefix_hits_tokens >= 16 * (system.len() / 16 - 1) as u64, "hits: {}", e.blocks.prefix_hits_tokens);
-    let mut fresh = Engine::new(m.clone(), big);
+    let mut fresh = Engine::new(m.clone(), big).unwrap();
     fresh.add(2, b.clone(), greedy(6), 0).unwrap();
     assert_eq!(fresh.run_to_completion().unwrap().remove(&2).unwrap(), rb, "a cached prefix gives the same tokens");
     // A cache that admits both prompts but cannot hold both generations: the newer
@@ -88,7 +88,7 @@ fn prefix_cache_hits_and_preemption_change_nothing() {
     let p2 = m.tokenizer.encode("The Constitution of Ukraine is the fundamental law of the state, and it", false).unwrap();
     let n_gen = 40;
     let solo = |p: &Vec<u32>| {
-        let mut e = Engine::new(m.clone(), EngineConfig::default());
+        let mut e = Engine::new(m.clone(), EngineConfig::default()).unwrap();
         e.add(0, p.clone(), greedy(n_gen), 0).unwrap();
         e.run_to_completion().unwrap().remove(&0).unwrap()
     };
@@ -97,7 +97,7 @@ fn prefix_cache_hits_and_preemption_change_nothing() {
     let per_block = 2 * layers * 16 * n_kv * d * 4;
     let one = (p1.len().max(p2.len()) + n_gen).div_ceil(16);
     let tight = EngineConfig { kv_cache_bytes: per_block * (one + 2), ..Default::default() };
-    let mut t = Engine::new(m.clone(), tight);
+    let mut t = Engine::new(m.clone(), tight).unwrap();
     t.add(1, p1.clone(), greedy(n_gen), 0).unwrap();
     t.add(2, p2.clone(), greedy(n_gen), 0).unwrap();
     let r = t.run_to_completion().unwrap();
@@ -110,7 +110,7 @@ fn prefix_cache_hits_and_preemption_change_nothing() {
 #[test]
 fn bad_requests_are_errors_not_panics() {
     let m = model();
-    let mut e = Engine::new(m.clone(), EngineConfig::default());
+    let mut e = Engine::new(m.clone(), EngineConfig::default()).unwrap();
     assert!(e.add(1, vec![], greedy(4), 0).unwrap_err().to_string().contains("empty"));
     let long = vec![1u32; m.context_length + 5];
     assert!(e.add(2, long, greedy(4), 0).unwrap_err().to_string().contains("context length"));
@@ -127,7 +127,7 @@ fn bad_requests_are_errors_not_panics() {
 fn prompt_logprobs_match_the_reference_teacher_forced_logprobs() {
     let g = golden();
     let m = model();
-    let mut e = Engine::new(m.clone(), EngineConfig { scheduler: SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 40 }, ..Default::default() });
+    let mut e = Engine::new(m.clone(), EngineConfig { scheduler: SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 40 }, ..Default::default() }).unwrap();
     let prompts: Vec<&serde_json::Value> = g["prompts"].as_array().unwrap().iter().take(5).collect();
     for (i, p) in prompts.iter().enumerate() {
         e.add_with_prompt_logprobs(i as u64, ids(&p["input_ids"]), greedy(1), 0, Some(2)).unwrap();
@@ -176,7 +176,7 @@ fn gemma3_paged_batched_greedy_matches_reference_past_the_window() {
         kv_cache_bytes: 256 << 20,
         scheduler: SchedulerConfig { max_num_seqs: 16, max_num_batched_tokens: 256 },
     };
-    let mut e = Engine::new(m.clone(), cfg);
+    let mut e = Engine::new(m.clone(), cfg).unwrap();
     for (i, (p, _)) in prompts.iter().enumerate() {
         e.add(i as u64, p.clone(), greedy(n_new), 0).unwrap();
     }

@@ -16,6 +16,8 @@ use crate::{params, recipe};
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainBench {
     pub mode: String,
+    pub device: String,
+    pub mixed_precision: String,
     pub activation_checkpointing: bool,
     pub seq_len: usize,
     pub batch: usize,
@@ -55,12 +57,30 @@ pub fn corpus_rows(lm: &LoadedModel, corpus: &Path, files: usize, seq_len: usize
     Ok(ids.chunks_exact(seq_len).map(|c| Row { samples: vec![Sample::from_mask(c.to_vec(), &vec![true; seq_len])] }).collect())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(model: &str, mode: &str, corpus: &Path, seq_len: usize, batch: usize, steps: usize, warmup: usize, rank: usize, recompute: bool) -> Result<TrainBench> {
-    let lm = LoadedModel::load(model, &LoadOptions { dtype: DTypeChoice::F32, ..Default::default() })?;
-    let rows = corpus_rows(&lm, corpus, 200, seq_len)?;
+/// What `hromada bench train` measures.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub model: String,
+    /// `lora` or `full`.
+    pub mode: String,
+    pub corpus: std::path::PathBuf,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub rank: usize,
+    pub recompute: bool,
+    pub device: candle_core::Device,
+    /// `no`, `bf16` or `fp16` (f32 master weights).
+    pub mixed_precision: String,
+}
+
+pub fn run(o: &BenchOptions) -> Result<TrainBench> {
+    let (mode, seq_len, batch, steps, warmup, rank, recompute) = (o.mode.as_str(), o.seq_len, o.batch, o.steps, o.warmup, o.rank, o.recompute);
+    let lm = LoadedModel::load(&o.model, &LoadOptions { dtype: DTypeChoice::F32, device: o.device.clone() })?;
+    let rows = corpus_rows(&lm, &o.corpus, 200, seq_len)?;
     if rows.len() < batch {
-        return Err(Error::Other(format!("{}: only {} rows of {seq_len} tokens", corpus.display(), rows.len())));
+        return Err(Error::Other(format!("{}: only {} rows of {seq_len} tokens", o.corpus.display(), rows.len())));
     }
     reset_peak();
     let mut m = lm.model;
@@ -72,6 +92,7 @@ pub fn run(model: &str, mode: &str, corpus: &Path, seq_len: usize, batch: usize,
         "full" => params::full_params(&mut m)?,
         other => return Err(Error::Other(format!("mode `{other}` (lora or full)"))),
     };
+    params::apply_mixed_precision(&mut m, &o.mixed_precision, mode == "lora")?;
     let n_trainable = ps.iter().map(|p| p.var.elem_count()).sum();
     let mut opt = AdamW::new(OptimSection { lr: 1e-4, weight_decay: 0.0, ..OptimSection::default() }, &ps)?;
     let (mut first, mut last) = (f64::NAN, f64::NAN);
@@ -92,6 +113,8 @@ pub fn run(model: &str, mode: &str, corpus: &Path, seq_len: usize, batch: usize,
     let dt = t0.elapsed().as_secs_f64();
     Ok(TrainBench {
         mode: mode.into(),
+        device: hromada_models::device::describe(&o.device),
+        mixed_precision: o.mixed_precision.clone(),
         activation_checkpointing: recompute,
         seq_len,
         batch,

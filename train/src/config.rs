@@ -46,11 +46,14 @@ pub struct ModelSection {
     /// Base weights: `f32` (dequantized if GGUF), or `quantized` (GGUF only, LoRA only:
     /// the frozen base stays quantized, QLoRA-style).
     pub dtype: String,
+    /// Where to train: `cpu`, `cuda`, `cuda:N` or `auto` (the GPU when the binary has
+    /// CUDA and one answers).
+    pub device: String,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { path: "smollm2-135m".into(), dtype: "f32".into() }
+        Self { path: "smollm2-135m".into(), dtype: "f32".into(), device: "auto".into() }
     }
 }
 
@@ -183,6 +186,11 @@ pub struct RunSection {
     /// Recompute each block's activations in the backward pass instead of keeping them
     /// (less memory, about one more forward pass of compute).
     pub activation_checkpointing: bool,
+    /// `no`, `bf16` or `fp16` (accelerate's names): the forward and backward passes
+    /// compute in that dtype while the trainable weights, their gradients and the AdamW
+    /// moments stay f32 (master weights); the loss is taken in f32. Meant for GPUs with
+    /// bf16 tensor cores; it runs on the CPU too (slower there than f32).
+    pub mixed_precision: String,
 }
 
 impl Default for RunSection {
@@ -200,6 +208,7 @@ impl Default for RunSection {
             keep_checkpoints: 2,
             export_merged: true,
             stop_after: 0,
+            mixed_precision: "no".into(),
             activation_checkpointing: false,
         }
     }
@@ -256,7 +265,10 @@ impl TrainConfig {
             "f32" => {}
             "quantized" if self.method.kind == "lora" => {}
             "quantized" => return bad("model.dtype = quantized needs method.kind = lora (a quantized base stays frozen)".into()),
-            d => return bad(format!("model.dtype = `{d}` (f32 or quantized; bf16 autocast comes with the CUDA build)")),
+            d => return bad(format!("model.dtype = `{d}` (f32 or quantized; for bf16 compute set run.mixed_precision = \"bf16\")")),
+        }
+        if !matches!(self.run.mixed_precision.as_str(), "no" | "bf16" | "fp16") {
+            return bad(format!("run.mixed_precision = `{}` (no, bf16 or fp16)", self.run.mixed_precision));
         }
         if self.method.kind == "lora" && (self.lora.rank == 0 || self.lora.target_modules.is_empty()) {
             return bad("lora.rank must be > 0 and lora.target_modules non-empty".into());

@@ -81,11 +81,14 @@ impl AdamW {
     }
 
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> Result<()> {
+        // Moments go to the device of the moment they replace (a checkpoint loads on the CPU).
         for (k, slot) in self.m.iter_mut() {
-            *slot = tensors.get(&format!("m.{k}")).cloned().ok_or_else(|| Error::Other(format!("optimizer state lacks m.{k}")))?;
+            let t = tensors.get(&format!("m.{k}")).ok_or_else(|| Error::Other(format!("optimizer state lacks m.{k}")))?;
+            *slot = t.to_device(slot.device())?;
         }
         for (k, slot) in self.v.iter_mut() {
-            *slot = tensors.get(&format!("v.{k}")).cloned().ok_or_else(|| Error::Other(format!("optimizer state lacks v.{k}")))?;
+            let t = tensors.get(&format!("v.{k}")).ok_or_else(|| Error::Other(format!("optimizer state lacks v.{k}")))?;
+            *slot = t.to_device(slot.device())?;
         }
         self.t = t;
         Ok(())

@@ -182,3 +182,41 @@ pub fn full_params(model: &mut Model) -> Result<Vec<Param>> {
     }
     Ok(out)
 }
+
+/// Mixed precision with LoRA: the frozen dense base weights are stored in `dtype` (as
+/// PEFT users load the base in bf16), while LoRA's A and B stay f32 master weights.
+/// Quantized base weights stay as they are. Returns how many layers were cast.
+pub fn cast_frozen_base(model: &mut Model, dtype: DType) -> Result<usize> {
+    let mut n = 0;
+    for (_, lin) in model.linears_mut() {
+        if let Weight::Dense(w) = lin.weight() {
+            if w.dtype() != dtype {
+                let w = w.to_dtype(dtype)?;
+                lin.set_weight(w)?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// The compute dtype `run.mixed_precision` asks for (None: compute in the weights' dtype).
+pub fn mixed_precision_dtype(mode: &str) -> Option<DType> {
+    match mode {
+        "bf16" => Some(DType::BF16),
+        "fp16" => Some(DType::F16),
+        _ => None,
+    }
+}
+
+/// Apply `run.mixed_precision` to a model whose trainable parameters are attached: the
+/// forward/backward compute dtype, and for LoRA a frozen base in that dtype.
+pub fn apply_mixed_precision(model: &mut Model, mode: &str, lora: bool) -> Result<()> {
+    if let Some(dt) = mixed_precision_dtype(mode) {
+        if lora {
+            cast_frozen_base(model, dt)?;
+        }
+        model.set_compute_dtype(dt);
+    }
+    Ok(())
+}

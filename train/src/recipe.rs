@@ -296,7 +296,8 @@ pub fn run(task: Task, cfg: &TrainConfig, config_path: &Path, resume: bool, stop
 
     // 1. Model.
     let dtype = if cfg.model.dtype == "quantized" { DTypeChoice::Quantized } else { DTypeChoice::F32 };
-    let mut lm = LoadedModel::load(&cfg.model.path, &LoadOptions { dtype, ..Default::default() })?;
+    let device = cfg.model.device.parse::<hromada_models::DeviceChoice>().map_err(|e| Error::config(config_path, format!("model.device: {e}")))?.device()?;
+    let mut lm = LoadedModel::load(&cfg.model.path, &LoadOptions { dtype, device })?;
     if cfg.data.seq_len > lm.context_length {
         return Err(Error::config(config_path, format!("data.seq_len = {} exceeds the model's context length {}", cfg.data.seq_len, lm.context_length)));
     }
@@ -313,6 +314,7 @@ pub fn run(task: Task, cfg: &TrainConfig, config_path: &Path, resume: bool, stop
         }
         _ => (None, params::full_params(&mut lm.model)?),
     };
+    params::apply_mixed_precision(&mut lm.model, &cfg.run.mixed_precision, cfg.method.kind == "lora")?;
     let n_trainable: usize = params.iter().map(|p| p.var.elem_count()).sum();
     tracing::info!(params = params.len(), n_trainable, "trainable parameters");
 

@@ -217,3 +217,73 @@ fn gemma3_full_and_lora_gradients_match_finite_differences() {
     }
     assert!(check(&m, &ps, &rows, 1) > 0);
 }
+
+fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn bf16_mixed_precision_follows_f32_with_f32_master_weights() {
+    // LoRA on the real SmolLM2: the base frozen in bf16, compute in bf16, A/B and their
+    // gradients f32; loss and gradient directions as in an all-f32 step.
+    let load = || LoadedModel::load("smollm2-135m", &LoadOptions { dtype: DTypeChoice::F32, ..Default::default() }).expect("run scripts/setup.sh first").model;
+    let (mut a, mut b) = (load(), load());
+    let cfg = LoraSection { rank: 8, alpha: 16.0, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], ..LoraSection::default() };
+    let tok = hromada_models::model::load_tokenizer("smollm2-135m").unwrap();
+    let ids = tok.encode("Статтю 5 Закону України «Про звернення громадян» застосовують до всіх органів влади.", false).unwrap();
+    let row = Row { samples: vec![Sample::from_mask(ids.clone(), &vec![true; ids.len()])] };
+    let mut grads = Vec::new();
+    for (m, mixed) in [(&mut a, false), (&mut b, true)] {
+        let (_, ps) = params::attach_lora(m, &cfg, 3, std::path::Path::new("test")).unwrap();
+        let mut rng = hromada_models::sampling::Rng::new(11);
+        for p in ps.iter().filter(|p| p.name.ends_with("lora_B")) {
+            let v: Vec<f32> = (0..p.var.elem_count()).map(|_| (rng.next_f64() as f32 - 0.5) * 0.02).collect();
+            p.var.set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        if mixed {
+            params::apply_mixed_precision(m, "bf16", true).unwrap();
+            let bases: Vec<DType> = m.linears_mut().into_iter().filter_map(|(_, l)| match l.weight() {
+                hromada_models::linear::Weight::Dense(w) => Some(w.dtype()),
+                _ => None,
+            }).collect();
+            assert!(bases.iter().all(|d| *d == DType::BF16), "frozen base not in bf16");
+        }
+        assert!(ps.iter().all(|p| p.var.dtype() == DType::F32), "master weights must stay f32");
+        let (loss, g, _) = recipe::step_grads(m, &ps, &[vec![&row]]).unwrap();
+        grads.push((loss, g, ps));
+    }
+    let (l32, g32, ps) = &grads[0];
+    let (l16, g16, _) = &grads[1];
+    assert!(l16.is_finite() && (l16 - l32).abs() / l32 < 0.02, "bf16 loss {l16} vs f32 {l32}");
+    assert!(l16 != l32, "the bf16 step computed exactly the f32 loss: was bf16 used at all?");
+    for p in ps {
+        assert_eq!(g16[&p.name].dtype(), DType::F32, "{}: gradient of a master weight must be f32", p.name);
+        let c = cosine(&g32[&p.name], &g16[&p.name]);
+        assert!(c > 0.95, "{}: bf16 gradient direction differs (cosine {c})", p.name);
+    }
+}
+
+#[test]
+fn bf16_mixed_precision_full_fine_tuning_keeps_master_weights() {
+    let (mut a, mut b) = (tiny_f64("mp32"), tiny_f64("mp16"));
+    let pa = params::full_params(&mut a).unwrap();
+    let pb = params::full_params(&mut b).unwrap();
+    params::apply_mixed_precision(&mut b, "bf16", false).unwrap();
+    let rows = rows(8, 300);
+    let mbs = [vec![&rows[0], &rows[1]]];
+    let (l1, g1, _) = recipe::step_grads(&a, &pa, &mbs).unwrap();
+    let (l2, g2, _) = recipe::step_grads(&b, &pb, &mbs).unwrap();
+    assert!((l1 - l2).abs() / l1 < 0.02 && l1 != l2, "bf16 loss {l2} vs {l1}");
+    let mut worst = 1f64;
+    for p in &pb {
+        assert_eq!(p.var.dtype(), DType::F64);
+        assert_eq!(g2[&p.name].dtype(), DType::F64, "{}: master gradient dtype", p.name);
+        worst = worst.min(cosine(&g1[&p.name], &g2[&p.name]));
+    }
+    assert!(worst > 0.9, "a bf16 gradient points elsewhere (worst cosine {worst})");
+}

@@ -1,0 +1,107 @@
+//! `--device auto|cpu|cuda[:N]`: where a model runs. `auto` takes the first GPU when the
+//! binary was built with the `cuda` feature and a GPU answers, else the CPU, and logs
+//! which; asking for `cuda` in a CPU-only build is a clear error, not a silent fallback.
+use crate::error::{Error, Result};
+use candle_core::Device;
+
+/// A parsed `--device` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => match t.strip_prefix("cuda:").map(|n| n.parse::<usize>()) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(Error::InvalidArgument(format!("unknown device `{s}` (expected auto, cpu, cuda or cuda:N)"))),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// True when this binary has the CUDA backend compiled in.
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+impl DeviceChoice {
+    /// The candle device. `auto` never fails: no CUDA build or no GPU gives the CPU.
+    pub fn device(self) -> Result<Device> {
+        let dev = match self {
+            Self::Cpu => Device::Cpu,
+            Self::Cuda(n) => {
+                if !CUDA_BUILT {
+                    return Err(Error::InvalidArgument(format!(
+                        "device cuda:{n}: this binary was built without CUDA (rebuild with `--features cuda`, see scripts/cuda-toolchain.sh)"
+                    )));
+                }
+                Device::new_cuda(n).map_err(|e| Error::InvalidArgument(format!("device cuda:{n}: {e}")))?
+            }
+            Self::Auto => {
+                if CUDA_BUILT {
+                    match Device::new_cuda(0) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::info!(reason = %e, "no usable GPU: running on the CPU");
+                            Device::Cpu
+                        }
+                    }
+                } else {
+                    Device::Cpu
+                }
+            }
+        };
+        tracing::info!(device = %describe(&dev), asked = %self, "device");
+        Ok(dev)
+    }
+}
+
+/// `cpu` or `cuda:N`.
+pub fn describe(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses_clearly() {
+        assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
+        assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert_eq!("cuda".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(3));
+        let e = "cuda:x".parse::<DeviceChoice>().unwrap_err().to_string();
+        assert!(e.contains("cuda:x") && e.contains("cuda:N"), "{e}");
+        assert!("tpu".parse::<DeviceChoice>().is_err());
+        // auto always yields a device; on a CPU-only build it is the CPU.
+        let d = DeviceChoice::Auto.device().unwrap();
+        if !CUDA_BUILT {
+            assert!(d.is_cpu());
+            let e = DeviceChoice::Cuda(0).device().unwrap_err().to_string();
+            assert!(e.contains("without CUDA"), "{e}");
+        }
+        assert!(DeviceChoice::Cpu.device().unwrap().is_cpu());
+    }
+}
