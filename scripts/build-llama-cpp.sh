@@ -3,9 +3,24 @@
 # outside the repository, for same-run benchmark comparisons (llama-bench, llama-server,
 # llama-batched-bench). Nothing of it is committed.
 #   scripts/build-llama-cpp.sh            -> $LLAMA_CPP_DIR (default: $HROMADA_CACHE/llama.cpp)
+#   scripts/build-llama-cpp.sh --cuda     -> the CUDA build (default: $HROMADA_CACHE/llama.cpp-cuda)
+#     with the pip CUDA toolchain (scripts/cuda-toolchain.sh), sm_90, statically linked
+#     except for the CUDA runtime libraries the GPU machine has; carry build/bin/llama-bench,
+#     llama-server and llama-batched-bench to it.
 set -euo pipefail
 CACHE="${HROMADA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hromada}"
-DIR="${LLAMA_CPP_DIR:-$CACHE/llama.cpp}"
+CUDA=0
+if [ "${1:-}" = --cuda ]; then
+  CUDA=1
+  here="$(cd "$(dirname "$0")" && pwd)"
+  "$here/cuda-toolchain.sh" >/dev/null
+  # shellcheck disable=SC1090
+  source <("$here/cuda-toolchain.sh" env)
+  CU="$CUDA_ROOT"
+  CMAKE_EXTRA="${CMAKE_EXTRA:-} -DGGML_CUDA=ON -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES=${CUDA_COMPUTE_CAP}"
+  CMAKE_EXTRA="$CMAKE_EXTRA -DCMAKE_CUDA_COMPILER=$CU/bin/nvcc -DCUDAToolkit_ROOT=$CU -DCMAKE_LIBRARY_PATH=$LIBRARY_PATH"
+fi
+DIR="${LLAMA_CPP_DIR:-$CACHE/llama.cpp$([ $CUDA = 1 ] && echo -cuda)}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 mkdir -p "$DIR"
 if [ -x "$DIR/build/bin/llama-bench" ] && [ -x "$DIR/build/bin/llama-server" ]; then

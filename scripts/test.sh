@@ -11,3 +11,14 @@ scripts/setup.sh
 cargo build --bins
 cargo test --workspace
 HROMADA_BIN="$PWD/target/debug/hromada" .venv/bin/python -m pytest -q tests/python
+# The CUDA code compiles (no GPU here): the pip CUDA 13.0 toolchain, then a check of every
+# crate and test with `--features cuda` in target/cuda (candle's kernels: ~15 min on 2 cores
+# the first time). HROMADA_SKIP_CUDA_CHECK=1 skips it for a quick local run.
+if [ "${HROMADA_SKIP_CUDA_CHECK:-0}" != 1 ]; then
+    scripts/cuda-toolchain.sh
+    (
+        # shellcheck disable=SC1090
+        source <(scripts/cuda-toolchain.sh env)
+        cargo check --features cuda --workspace --tests
+    )
+fi

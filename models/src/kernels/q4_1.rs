@@ -456,26 +456,87 @@ impl Q4_1Matrix {
     }
 }
 
+/// Activations to Q8 blocks (one f32 scale per 32 values, round to nearest even), with the
+/// scaled block sums the Q4_1 min term needs. Blocks are quantized in parallel chunks,
+/// eight floats per instruction where AVX2 is there.
 fn quantize_rows(x: &[f32], rows: usize, k: usize) -> Q8Rows {
-    let kb = k / QK;
-    let mut d = vec![0f32; rows * kb];
-    let mut s = vec![0f32; rows * kb];
+    let nb = rows * (k / QK);
+    let mut d = vec![0f32; nb];
+    let mut s = vec![0f32; nb];
     let mut q = vec![0i8; rows * k];
-    for b in 0..rows * kb {
-        let xs = &x[b * QK..(b + 1) * QK];
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        let mut sum = 0i32;
-        for (o, &v) in q[b * QK..(b + 1) * QK].iter_mut().zip(xs) {
-            let qi = (v * inv).round() as i32;
-            *o = qi as i8;
-            sum += qi;
+    const CH: usize = 64;
+    let simd = isa() != Isa::Scalar;
+    q.par_chunks_mut(QK * CH).zip(d.par_chunks_mut(CH)).zip(s.par_chunks_mut(CH)).enumerate().for_each(|(c, ((qc, dc), sc))| {
+        for (i, (db, sb)) in dc.iter_mut().zip(sc.iter_mut()).enumerate() {
+            let b = c * CH + i;
+            let xs = &x[b * QK..(b + 1) * QK];
+            let qs = &mut qc[i * QK..(i + 1) * QK];
+            #[cfg(target_arch = "x86_64")]
+            let (scale, sum) = if simd {
+                // SAFETY: isa() checked AVX2 and FMA; xs and qs hold QK values.
+                unsafe { quantize_block_avx2(xs, qs) }
+            } else {
+                quantize_block(xs, qs)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (scale, sum) = {
+                let _ = simd;
+                quantize_block(xs, qs)
+            };
+            *db = scale;
+            *sb = scale * sum as f32;
         }
-        d[b] = scale;
-        s[b] = scale * sum as f32;
-    }
+    });
     Q8Rows { d, s, q }
+}
+
+fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let mut sum = 0i32;
+    for (o, &v) in q.iter_mut().zip(xs) {
+        let qi = (v * inv).round_ties_even() as i32;
+        *o = qi as i8;
+        sum += qi;
+    }
+    (scale, sum)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_avx2(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    let p = xs.as_ptr();
+    let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_andnot_ps(sign, v[0]);
+    for vi in &v[1..] {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
+    let amax = _mm_cvtss_f32(m1);
+    let scale = amax / 127.0;
+    let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+    let mut iv = [_mm256_setzero_si256(); 4];
+    for (o, vi) in iv.iter_mut().zip(&v) {
+        let r = _mm256_round_ps(_mm256_mul_ps(*vi, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        *o = _mm256_cvtps_epi32(r);
+    }
+    let s = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+    let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
+    let sum = _mm_cvtsi128_si32(s1);
+    // i32 -> i16 -> i8 packs work per 128-bit lane; one permute restores the order.
+    let p16a = _mm256_packs_epi32(iv[0], iv[1]);
+    let p16b = _mm256_packs_epi32(iv[2], iv[3]);
+    let p8 = _mm256_packs_epi16(p16a, p16b);
+    let out = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, out);
+    (scale, sum)
 }
 
 fn dot_row_scalar(wd: &[f32], wm: &[f32], wq: &[u8], ad: &[f32], asum: &[f32], aq: &[i8]) -> f32 {
@@ -563,6 +624,27 @@ mod tests {
         let want: Vec<f32> = q.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let m = Q8_0Matrix::from_q5_0_bytes(&q.data().unwrap(), n, k).unwrap();
         assert_eq!(m.dequantize(), want);
+    }
+
+    #[test]
+    fn simd_activation_quantization_equals_scalar() {
+        let mut state = 7u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 8.0
+        };
+        let (rows, k) = (5, 4 * QK);
+        let mut x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
+        x[3] = 0.0;
+        x[QK..2 * QK].iter_mut().for_each(|v| *v = 0.0); // an all-zero block
+        let a = quantize_rows(&x, rows, k);
+        for b in 0..rows * k / QK {
+            let mut q = [0i8; QK];
+            let (d, sum) = quantize_block(&x[b * QK..(b + 1) * QK], &mut q);
+            assert_eq!(&a.q[b * QK..(b + 1) * QK], &q[..], "block {b}");
+            assert_eq!(a.d[b], d);
+            assert_eq!(a.s[b], d * sum as f32);
+        }
     }
 
     #[test]
