@@ -68,6 +68,20 @@ fn bad_model_is_a_clean_error() {
     let out = bin().args(["generate", "--dtype", "f8", "--prompt", "x"]).output().unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("unknown dtype `f8`") && !e.contains("panicked"), "{e}");
+    // Devices: an unknown one, and a GPU asked of a CPU-only build, are clear errors;
+    // `--device cpu` and `auto` run.
+    let out = bin().args(["generate", "--device", "tpu", "--prompt", "x"]).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("unknown device `tpu`") && !e.contains("panicked"), "{e}");
+    if !cfg!(feature = "cuda") {
+        let out = bin().args(["generate", "--device", "cuda:0", "--prompt", "x"]).output().unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && e.contains("built without CUDA") && !e.contains("panicked"), "{e}");
+    }
+    for d in ["cpu", "auto"] {
+        let out = bin().args(["generate", "--device", d, "--prompt", "Київ", "--max-tokens", "2", "--temperature", "0"]).output().unwrap();
+        assert!(out.status.success(), "--device {d}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 /// A minimal server in the Hub's URL layout: `/api/models/{repo}/revision/{rev}` and

@@ -204,6 +204,20 @@ fn config_errors_are_clear() {
     assert!(e.contains("learning_rate"), "{e}");
     let e = err(&["method.kind=qlora"]);
     assert!(e.contains("method.kind"), "{e}");
+    let e = err(&["run.mixed_precision=\"fp8\""]);
+    assert!(e.contains("run.mixed_precision") && e.contains("fp8"), "{e}");
+    let e = err(&["model.device=\"tpu\""]);
+    assert!(e.contains("model.device") && e.contains("tpu"), "{e}");
+    // bf16 mixed precision runs end to end (f32 master weights) with finite losses.
+    let o = bin()
+        .args(["train", "sft", cfg.to_str().unwrap(), "--no-progress", "--set", "run.mixed_precision=\"bf16\"", "--set", "run.max_steps=3"])
+        .args(["--set", &format!("run.output=\"{}\"", dir.join("mp").display())])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "bf16 mixed precision: {}", String::from_utf8_lossy(&o.stderr));
+    let m = std::fs::read_to_string(dir.join("mp/metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = m.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter_map(|v| v["loss"].as_f64()).collect();
+    assert!(!losses.is_empty() && losses.iter().all(|l| l.is_finite()), "{m}");
 }
 
 fn logits(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
