@@ -4,7 +4,8 @@
 #   carry/gpu/bin/hromada            the CUDA build of the CLI (stripped)
 #   carry/gpu/bin/serve-gpu-tests    serve/tests/gpu.rs (kernels vs f64, GPU vs CPU
 #                                    parity on the golden prompts, batching invariance)
-#   carry/gpu/shared/golden/...      the golden prompts those tests read
+#   carry/gpu/shared/...             the golden prompts those tests read, brown-uk and
+#                                    the ZNO items for the training and eval benchmarks
 #   carry/gpu-model/smollm2.gguf.part-NN   the SmolLM2 GGUF in pieces under the 64 MiB
 #                                    a device call carries
 # Then, with the device tool: one call per model piece
@@ -29,6 +30,11 @@ for l in sys.stdin:
 strip -o "$out/bin/hromada" "$CARGO_TARGET_DIR/release/hromada"
 strip -o "$out/bin/serve-gpu-tests" "$tests"
 cp "$SHARED/golden/smollm2-135m-instruct-reference.json" "$out/shared/golden/"
+# The data the GPU benchmarks read: brown-uk (bench train) and the ZNO items (eval).
+mkdir -p "$out/shared/data/uk/brown-uk/data" "$out/shared/data/eval/zno"
+rm -rf "$out/shared/data/uk/brown-uk/data/good" "$out/shared/data/eval/zno/data"
+cp -r "$SHARED/data/uk/brown-uk/data/good" "$out/shared/data/uk/brown-uk/data/"
+cp -r "$SHARED/data/eval/zno/data" "$out/shared/data/eval/zno/"
 model=$(ls "${HROMADA_CACHE:-$HOME/.cache/hromada}"/models/smollm2-135m-instruct/*.gguf | head -1)
 rm -f carry/gpu-model/smollm2.gguf.part-*
 split -b 48M -d "$model" carry/gpu-model/smollm2.gguf.part-

@@ -6,7 +6,10 @@
 #      invariance of 32 concurrent greedy requests;
 #   2. the server on the GPU streaming 64 concurrent requests (all must complete), then
 #      aggregate output tok/s at 1, 8, 32, 64 and 128 concurrent (512 in / 128 out);
-#   3. batch-1 decode and prompt speed (hromada bench generate --device cuda).
+#   3. batch-1 decode and prompt speed (hromada bench generate --device cuda);
+#   4. training tokens/s, LoRA and full, bf16 mixed precision, beside PyTorch + PEFT on the
+#      same data and config (the machine's python3 has torch, transformers and peft);
+#   5. zno_uk items/s in process on the GPU beside the transformers loop.
 # Results go to $OUT (the device tool's output folder) or ./gpu-out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,4 +62,14 @@ wait $pid 2>/dev/null || true
 echo "== 3. batch-1 speed"
 "$G/bin/hromada" bench generate --device cuda --reps 5 --json "$OUT/generate-q4_1.json"
 "$G/bin/hromada" bench generate --device cuda --dtype bf16 --reps 5 --json "$OUT/generate-bf16.json"
+
+echo "== 4. training"
+"$G/bin/hromada" bench train --device cuda --seq-len 512 --batch 8 --steps 10 --warmup 2 \
+    --torch-python "${PYTHON:-python3}" --json "$OUT/train.json"
+
+echo "== 5. eval"
+"$G/bin/hromada" eval run --model smollm2-135m --device cuda --dtype f32 --tasks zno_uk --output "$OUT/zno-smollm2" \
+    2>&1 | tee "$OUT/zno-hromada.txt"
+"$G/bin/hromada" convert smollm2-135m --out /tmp/smol-hf --dtype f32
+"${PYTHON:-python3}" scripts/bench_zno_hf.py /tmp/smol-hf --task zno_uk 2>&1 | tee "$OUT/zno-hf.txt"
 echo "all GPU checks passed; results in $OUT"

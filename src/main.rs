@@ -894,7 +894,11 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         let m = LoadedModel::load(&a.model, &LoadOptions { dtype: DTypeChoice::F32, ..Default::default() })?;
         hromada_models::convert::write_hf_dir(&m, &dir, candle_core::DType::F32)?;
         drop(m);
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_train_torch.py");
+        // The repository the binary runs in (a carried binary), else the one it was built in.
+        let script = [PathBuf::from("scripts/bench_train_torch.py"), PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_train_torch.py")]
+            .into_iter()
+            .find(|p| p.exists())
+            .context("scripts/bench_train_torch.py not found (run from the repository root)")?;
         for mode in a.modes.split(',') {
             let o = std::process::Command::new(py)
                 .arg(&script)
