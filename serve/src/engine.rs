@@ -89,9 +89,11 @@ impl Engine {
     pub fn new(model: Arc<LoadedModel>, cfg: EngineConfig) -> candle_core::Result<Self> {
         let layers = model.model.num_layers();
         let (n_kv, d) = model.model.kv_shape();
-        let num_blocks = PagedKv::blocks_for_budget(cfg.kv_cache_bytes, layers, cfg.block_size, n_kv, d).max(1);
-        tracing::info!(num_blocks, block_size = cfg.block_size, "paged KV cache");
-        let kv = PagedKv::new(layers, num_blocks, cfg.block_size, n_kv, d, model.model.device())?;
+        let (device, dtype) = (model.model.device().clone(), model.model.dtype());
+        let elem = PagedKv::elem_bytes(&device, dtype);
+        let num_blocks = PagedKv::blocks_for_budget(cfg.kv_cache_bytes, layers, cfg.block_size, n_kv, d, elem).max(1);
+        tracing::info!(num_blocks, block_size = cfg.block_size, bytes_per_value = elem, "paged KV cache");
+        let kv = PagedKv::new(layers, num_blocks, cfg.block_size, n_kv, d, &device, dtype)?;
         Ok(Self {
             kv,
             blocks: BlockManager::new(num_blocks, cfg.block_size),

@@ -4,7 +4,7 @@
 //! owns a block table. One forward pass carries any mix of prefill chunks and decode
 //! tokens from many sequences (packed along the token axis); each token attends to the
 //! keys of its own sequence only, read straight from the blocks (no gather copy).
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use hromada_models::cache::{AttnParams, KvCache};
 use rayon::prelude::*;
 
@@ -25,17 +25,30 @@ pub struct PagedKv {
 }
 
 impl PagedKv {
-    /// The blocks on `device`: host memory for the CPU, device memory for a GPU.
-    pub fn new(layers: usize, num_blocks: usize, block_size: usize, n_kv: usize, head_dim: usize, device: &Device) -> Result<Self> {
+    /// Bytes per cached value for a model computing in `dtype` on `device`: f32 on the
+    /// CPU and for f32 models; bf16 for bf16/f16 models on a GPU.
+    pub fn elem_bytes(device: &Device, dtype: DType) -> usize {
+        if device.is_cpu() || dtype == DType::F32 || dtype == DType::F64 {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// The blocks on `device`: host memory for the CPU, device memory for a GPU (in bf16
+    /// when the model computes in bf16 or f16).
+    pub fn new(layers: usize, num_blocks: usize, block_size: usize, n_kv: usize, head_dim: usize, device: &Device, dtype: DType) -> Result<Self> {
         let n = num_blocks * block_size * n_kv * head_dim;
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = device {
             if head_dim > crate::paged_cuda::MAX_HEAD_DIM {
                 candle_core::bail!("head dim {head_dim} is above the GPU attention kernel's {}", crate::paged_cuda::MAX_HEAD_DIM);
             }
-            let gpu = crate::paged_cuda::CudaKv::new(dev, layers, n)?;
+            let kv_dtype = if Self::elem_bytes(device, dtype) == 2 { crate::paged_cuda::KvDType::BF16 } else { crate::paged_cuda::KvDType::F32 };
+            let gpu = crate::paged_cuda::CudaKv::new(dev, layers, n, kv_dtype)?;
             return Ok(Self { block_size, num_blocks, n_kv, head_dim, k: Vec::new(), v: Vec::new(), gpu: Some(gpu) });
         }
+        let _ = dtype;
         if !device.is_cpu() {
             candle_core::bail!("the paged K/V cache runs on the CPU or a CUDA GPU, not {device:?}");
         }
@@ -51,9 +64,9 @@ impl PagedKv {
         })
     }
 
-    /// How many blocks fit in `bytes` (K and V, f32, all layers).
-    pub fn blocks_for_budget(bytes: usize, layers: usize, block_size: usize, n_kv: usize, head_dim: usize) -> usize {
-        let per_block = 2 * layers * block_size * n_kv * head_dim * std::mem::size_of::<f32>();
+    /// How many blocks fit in `bytes` (K and V, all layers, `elem_bytes` per value).
+    pub fn blocks_for_budget(bytes: usize, layers: usize, block_size: usize, n_kv: usize, head_dim: usize, elem_bytes: usize) -> usize {
+        let per_block = 2 * layers * block_size * n_kv * head_dim * elem_bytes;
         bytes / per_block.max(1)
     }
 }

@@ -33,35 +33,62 @@ fn ptx() -> Result<&'static str> {
     }
 }
 
-/// K and V of every layer: `[slots, n_kv * head_dim]` f32 each.
+/// How the cache stores K/V: f32, or bf16 (half the memory; rounded to nearest even).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDType {
+    F32,
+    BF16,
+}
+
+impl KvDType {
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::BF16 => 2,
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::BF16 => "bf16",
+        }
+    }
+}
+
+enum Buf {
+    F32(CudaSlice<f32>),
+    BF16(CudaSlice<u16>),
+}
+
+/// K and V of every layer: `[slots, n_kv * head_dim]` each, in `dtype`.
 pub struct CudaKv {
     pub dev: CudaDevice,
-    k: Vec<CudaSlice<f32>>,
-    v: Vec<CudaSlice<f32>>,
+    pub dtype: KvDType,
+    k: Vec<Buf>,
+    v: Vec<Buf>,
 }
 
 impl std::fmt::Debug for CudaKv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaKv").field("layers", &self.k.len()).finish()
+        f.debug_struct("CudaKv").field("layers", &self.k.len()).field("dtype", &self.dtype).finish()
     }
 }
 
 impl CudaKv {
-    pub fn new(dev: &CudaDevice, layers: usize, elems: usize) -> Result<Self> {
+    pub fn new(dev: &CudaDevice, layers: usize, elems: usize, dtype: KvDType) -> Result<Self> {
+        let alloc = || -> Result<Buf> {
+            Ok(match dtype {
+                KvDType::F32 => Buf::F32(dev.alloc_zeros::<f32>(elems)?),
+                KvDType::BF16 => Buf::BF16(dev.alloc_zeros::<u16>(elems)?),
+            })
+        };
         let mut k = Vec::with_capacity(layers);
         let mut v = Vec::with_capacity(layers);
         for _ in 0..layers {
-            k.push(dev.alloc_zeros::<f32>(elems)?);
-            v.push(dev.alloc_zeros::<f32>(elems)?);
+            k.push(alloc()?);
+            v.push(alloc()?);
         }
-        Ok(Self { dev: dev.clone(), k, v })
-    }
-
-    /// Copy a layer back to the host (tests).
-    pub fn layer_to_host(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let k = self.dev.clone_dtoh(&self.k[layer])?;
-        let v = self.dev.clone_dtoh(&self.v[layer])?;
-        Ok((k, v))
+        Ok(Self { dev: dev.clone(), dtype, k, v })
     }
 }
 
@@ -106,11 +133,23 @@ impl BatchMeta {
 }
 
 struct PagedAttention<'a> {
-    k_cache: &'a CudaSlice<f32>,
-    v_cache: &'a CudaSlice<f32>,
+    k_cache: &'a Buf,
+    v_cache: &'a Buf,
+    dtype: KvDType,
     meta: &'a BatchMeta,
     block_size: usize,
     p: AttnParams,
+}
+
+fn push_buf<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, buf: &'a Buf) {
+    match buf {
+        Buf::F32(x) => {
+            b.arg(x);
+        }
+        Buf::BF16(x) => {
+            b.arg(x);
+        }
+    }
 }
 
 fn f32_slice<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<cudarc::driver::CudaView<'a, f32>> {
@@ -142,12 +181,13 @@ impl CustomOp3 for PagedAttention<'_> {
         let row = (n_kv * d) as i32;
         let (ni, hi, nkvi, di) = (n as i32, h as i32, n_kv as i32, d as i32);
         // 1. New K/V into their slots.
-        let write = dev.get_or_load_custom_func("hromada_write_kv", MODULE, ptx)?;
+        let sfx = self.dtype.suffix();
+        let write = dev.get_or_load_custom_func(&format!("hromada_write_kv_{sfx}"), MODULE, ptx)?;
         let mut b = write.builder();
         b.arg(&k);
         b.arg(&v);
-        b.arg(self.k_cache);
-        b.arg(self.v_cache);
+        push_buf(&mut b, self.k_cache);
+        push_buf(&mut b, self.v_cache);
         b.arg(&self.meta.slots);
         b.arg(&ni);
         b.arg(&row);
@@ -158,7 +198,7 @@ impl CustomOp3 for PagedAttention<'_> {
         // 2. Attention over the blocks.
         // SAFETY: fully written by the kernel below (one (token, head) per thread block).
         let out = unsafe { dev.alloc::<f32>(n * h * d)? };
-        let attn = dev.get_or_load_custom_func("hromada_paged_attention", MODULE, ptx)?;
+        let attn = dev.get_or_load_custom_func(&format!("hromada_paged_attention_{sfx}"), MODULE, ptx)?;
         let mut b = attn.builder();
         let (bs, mb) = (self.block_size as i32, self.meta.max_blocks as i32);
         let scale = self.p.scale as f32;
@@ -166,8 +206,8 @@ impl CustomOp3 for PagedAttention<'_> {
         let window = self.p.sliding_window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
         b.arg(&out);
         b.arg(&q);
-        b.arg(self.k_cache);
-        b.arg(self.v_cache);
+        push_buf(&mut b, self.k_cache);
+        push_buf(&mut b, self.v_cache);
         b.arg(&self.meta.tok_seq);
         b.arg(&self.meta.tok_pos);
         b.arg(&self.meta.tables);
@@ -193,6 +233,9 @@ pub fn attend(kv: &CudaKv, meta: &BatchMeta, block_size: usize, layer: usize, q:
     let dt = q.dtype();
     let f = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
     let (q32, k32, v32) = (f(q)?, f(k)?, f(v)?);
-    let op = PagedAttention { k_cache: &kv.k[layer], v_cache: &kv.v[layer], meta, block_size, p: *p };
+    let (Some(k_cache), Some(v_cache)) = (kv.k.get(layer), kv.v.get(layer)) else {
+        candle_core::bail!("paged attention: no layer {layer} in the cache");
+    };
+    let op = PagedAttention { k_cache, v_cache, dtype: kv.dtype, meta, block_size, p: *p };
     q32.apply_op3_no_bwd(&k32, &v32, &op)?.to_dtype(dt)
 }
