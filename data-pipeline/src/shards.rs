@@ -29,9 +29,6 @@ pub struct TokenizeConfig {
     pub eos_id: Option<u32>,
 }
 
-/// BPE word-cache entries for sharding (a few tens of MB at most).
-const WORD_CACHE: usize = 250_000;
-
 /// A tokenizer ready for sharding: the ids it writes and its fingerprint.
 pub struct ShardTokenizer {
     pub tokenizer: hromada_models::tokenizer::Tokenizer,
@@ -43,10 +40,8 @@ pub struct ShardTokenizer {
 
 impl ShardTokenizer {
     pub fn load(cfg: &TokenizeConfig) -> Result<Self> {
-        let mut tokenizer = hromada_models::model::load_tokenizer(&cfg.tokenizer)
+        let tokenizer = hromada_models::model::load_tokenizer(&cfg.tokenizer)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", cfg.tokenizer)))?;
-        // A corpus has far more distinct words than the default cache holds.
-        tokenizer.set_word_cache(WORD_CACHE);
         let sha256: [u8; 32] = Sha256::digest(tokenizer.json.to_string().as_bytes()).into();
         let eos = match cfg.eos_id.or_else(|| tokenizer.special.eos.as_ref().map(|e| e.0)).or_else(|| tokenizer.special.eos_ids().first().copied()) {
             Some(e) => e,

@@ -92,15 +92,6 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Let the BPE word cache hold `words` entries (the `tokenizers` default is 10,000
-    /// and a full cache stops caching: a corpus with a large vocabulary, such as
-    /// Ukrainian text under an English-centric BPE, then re-merges most words).
-    pub fn set_word_cache(&mut self, words: usize) {
-        let mut m = self.inner.get_model().clone();
-        m.resize_cache(words);
-        self.inner.with_model(m);
-    }
-
     /// Encode text without special tokens, with each token's byte span in `text`.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
         let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenize(e.to_string()))?;
