@@ -466,7 +466,7 @@ fn quantize_rows(x: &[f32], rows: usize, k: usize) -> Q8Rows {
     let mut q = vec![0i8; rows * k];
     const CH: usize = 64;
     let simd = isa() != Isa::Scalar;
-    q.par_chunks_mut(QK * CH).zip(d.par_chunks_mut(CH)).zip(s.par_chunks_mut(CH)).enumerate().for_each(|(c, ((qc, dc), sc))| {
+    let chunk = |c: usize, qc: &mut [i8], dc: &mut [f32], sc: &mut [f32]| {
         for (i, (db, sb)) in dc.iter_mut().zip(sc.iter_mut()).enumerate() {
             let b = c * CH + i;
             let xs = &x[b * QK..(b + 1) * QK];
@@ -486,7 +486,13 @@ fn quantize_rows(x: &[f32], rows: usize, k: usize) -> Q8Rows {
             *db = scale;
             *sb = scale * sum as f32;
         }
-    });
+    };
+    if nb <= CH {
+        // One chunk (decode: a row or two): no task to hand to the pool.
+        chunk(0, &mut q, &mut d, &mut s);
+    } else {
+        q.par_chunks_mut(QK * CH).zip(d.par_chunks_mut(CH)).zip(s.par_chunks_mut(CH)).enumerate().for_each(|(c, ((qc, dc), sc))| chunk(c, qc, dc, sc));
+    }
     Q8Rows { d, s, q }
 }
 
