@@ -231,6 +231,11 @@ impl CustomOp3 for PagedAttention<'_> {
 /// `[n, n_kv, d]`; returns `[n, h * d]` in q's dtype.
 pub fn attend(kv: &CudaKv, meta: &BatchMeta, block_size: usize, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<Tensor> {
     let dt = q.dtype();
+    let (n, h, d) = q.dims3()?;
+    if n == 0 {
+        // Nothing to launch (a grid of zero blocks is a launch error).
+        return Tensor::zeros((0, h * d), dt, q.device());
+    }
     let f = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
     let (q32, k32, v32) = (f(q)?, f(k)?, f(v)?);
     let (Some(k_cache), Some(v_cache)) = (kv.k.get(layer), kv.v.get(layer)) else {
