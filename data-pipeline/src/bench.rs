@@ -265,7 +265,7 @@ pub fn fertility(tokenizers: &[String], input: &Path) -> Result<Vec<Fertility>> 
         let tok = hromada_models::model::load_tokenizer(name).map_err(|e| Error::Tokenizer(format!("{name}: {e}")))?;
         let tokens: u64 = texts
             .par_iter()
-            .map(|t| tok.encode_ids(t, false).map(|ids| ids.len() as u64))
+            .map(|t| tok.encode(t, false).map(|ids| ids.len() as u64))
             .collect::<std::result::Result<Vec<u64>, _>>()
             .map_err(|e| Error::Tokenizer(e.to_string()))?
             .iter()

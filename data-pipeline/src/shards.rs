@@ -62,7 +62,7 @@ impl ShardTokenizer {
         if let Some(b) = self.bos {
             ids.push(b);
         }
-        ids.extend(self.tokenizer.encode_ids(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?);
+        ids.extend(self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?);
         ids.push(self.eos);
         Ok(ids)
     }
