@@ -42,9 +42,6 @@ if [ ! -x "$CU/bin/nvcc" ]; then
         'nvidia-cuda-cccl==13.0.*' nvidia-nvvm==13.0.88 'nvidia-cublas==13.0.*' \
         'nvidia-curand==10.4.0.*' 'nvidia-cuda-nvrtc==13.0.*'
 fi
-# nvcc looks for nvvm and crt headers beside itself.
-[ -e "$CU/nvvm" ] || true
-
 mkdir -p "$LINK"
 # Unversioned links (libcublas.so -> libcublas.so.13, ...) for `-lcublas`.
 for f in "$CU"/lib/lib*.so.*; do
