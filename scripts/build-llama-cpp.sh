@@ -20,7 +20,7 @@ if [ "${1:-}" = --cuda ]; then
   CMAKE_EXTRA="${CMAKE_EXTRA:-} -DGGML_CUDA=ON -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES=${CUDA_COMPUTE_CAP}"
   CMAKE_EXTRA="$CMAKE_EXTRA -DCMAKE_CUDA_COMPILER=$CU/bin/nvcc -DCUDAToolkit_ROOT=$CU -DCMAKE_LIBRARY_PATH=$LIBRARY_PATH"
 fi
-DIR="${LLAMA_CPP_DIR:-$CACHE/llama.cpp$([ $CUDA = 1 ] && echo -cuda)}"
+DIR="${LLAMA_CPP_DIR:-$CACHE/llama.cpp$([ $CUDA = 1 ] && echo -cuda || true)}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 mkdir -p "$DIR"
 if [ -x "$DIR/build/bin/llama-bench" ] && [ -x "$DIR/build/bin/llama-server" ]; then

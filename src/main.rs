@@ -210,6 +210,10 @@ struct ServeArgs {
     /// KV-cache memory budget in MiB.
     #[arg(long, default_value_t = 512)]
     kv_cache_mib: usize,
+    /// KV-cache element type: auto (CPU: f16 for quantized or half-precision models, f32
+    /// for f32 models; GPU: the model's precision), f32 or f16.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: hromada_serve::paged::KvCacheDType,
     /// Requests in flight before new ones get 429.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
@@ -654,6 +658,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         engine: hromada_serve::engine::EngineConfig {
             block_size: a.block_size,
             kv_cache_bytes: a.kv_cache_mib << 20,
+            kv_cache_dtype: a.kv_cache_dtype,
             scheduler: hromada_serve::scheduler::SchedulerConfig {
                 max_num_seqs: a.max_num_seqs,
                 max_num_batched_tokens: a.max_num_batched_tokens,

@@ -253,7 +253,7 @@ impl GemmaRmsNorm {
             let var = xf.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
             xf.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight.to_dtype(xf.dtype())?)?
         } else {
-            candle_nn::ops::rms_norm(&xf.contiguous()?, &self.weight, self.eps as f32)?
+            crate::kernels::ops::rms_norm(&xf.contiguous()?, &self.weight, self.eps)?
         };
         y.to_dtype(dt)
     }
@@ -397,6 +397,14 @@ impl Gemma3 {
         let k = Rope::apply(&k, cos, sin, diff)?;
         let o = cache.attend(i, &q, &k, &v, p)?;
         let o = l.post_attention_layernorm.forward(&l.o_proj.forward(&o)?, diff)?;
+        if !diff && crate::kernels::ops::is_cpu_f32(x) {
+            // Inference on the CPU: the elementwise steps on the compute pool (`kernels::ops`).
+            use crate::kernels::ops;
+            let x1 = ops::add(x, &o)?;
+            let h = l.pre_feedforward_layernorm.forward(&x1, diff)?;
+            let m = l.down_proj.forward(&ops::gelu_mul(&l.gate_proj.forward(&h)?, &l.up_proj.forward(&h)?)?)?;
+            return ops::add(&x1, &l.post_feedforward_layernorm.forward(&m, diff)?);
+        }
         let x1 = (x + o)?;
         let h = l.pre_feedforward_layernorm.forward(&x1, diff)?;
         let g = l.gate_proj.forward(&h)?;

@@ -27,7 +27,7 @@ impl RmsNorm {
             let xn = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
             xn.to_dtype(dt)?.broadcast_mul(&self.weight.to_dtype(dt)?)
         } else {
-            candle_nn::ops::rms_norm(x, &self.weight.to_dtype(x.dtype())?, self.eps as f32)
+            crate::kernels::ops::rms_norm(x, &self.weight.to_dtype(x.dtype())?, self.eps)
         }
     }
 }
@@ -66,8 +66,7 @@ impl Rope {
             let y = candle_nn::rotary_emb::rope_slow(&x, cos, sin)?;
             y.squeeze(0)?.transpose(0, 1)?.reshape((n, h, d))
         } else {
-            let x = x.unsqueeze(0)?.contiguous()?;
-            candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)
+            crate::kernels::ops::rope(x, cos, sin)
         }
     }
 }
@@ -203,12 +202,20 @@ impl Llama {
         let q = Rope::apply(&q, cos, sin, diff)?;
         let k = Rope::apply(&k, cos, sin, diff)?;
         let o = cache.attend(i, &q, &k, &v, p)?;
-        let x1 = (x + a.o_proj.forward(&o)?)?;
-        let h = layer.post_attention_layernorm.forward(&x1, diff)?;
         let m = &layer.mlp;
-        let g = m.gate_proj.forward(&h)?.silu()?;
-        let u = m.up_proj.forward(&h)?;
-        x1 + m.down_proj.forward(&(g * u)?)?
+        if diff {
+            let x1 = (x + a.o_proj.forward(&o)?)?;
+            let h = layer.post_attention_layernorm.forward(&x1, diff)?;
+            let g = m.gate_proj.forward(&h)?.silu()?;
+            let u = m.up_proj.forward(&h)?;
+            return x1 + m.down_proj.forward(&(g * u)?)?;
+        }
+        // Inference: the elementwise steps on the compute pool (`kernels::ops`).
+        use crate::kernels::ops;
+        let x1 = ops::add(x, &a.o_proj.forward(&o)?)?;
+        let h = layer.post_attention_layernorm.forward(&x1, diff)?;
+        let gu = ops::silu_mul(&m.gate_proj.forward(&h)?, &m.up_proj.forward(&h)?)?;
+        ops::add(&x1, &m.down_proj.forward(&gu)?)
     }
 
     /// Logits (f32) for hidden states `[m, hidden]`.

@@ -190,6 +190,13 @@ impl Model {
             Model::Gemma3(m) => m.cfg.vocab_size,
         }
     }
+    /// Whether the linear layers hold quantized weights (a GGUF kept quantized).
+    pub fn weights_quantized(&self) -> bool {
+        match self {
+            Model::Llama(m) => m.layers.first().is_some_and(|l| l.self_attn.q_proj.is_quantized()),
+            Model::Gemma3(m) => m.layers.first().is_some_and(|l| l.q_proj.is_quantized()),
+        }
+    }
     /// (n_kv_heads, head_dim) per layer, for sizing caches.
     pub fn kv_shape(&self) -> (usize, usize) {
         match self {

@@ -300,17 +300,15 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// `log_softmax(v)[i]`, computed in f64.
+/// `log_softmax(v)[i]` (the normaliser summed in f64; SIMD exponentials).
 pub fn log_softmax_at(v: &[f32], i: usize) -> f32 {
-    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+    let lse = crate::kernels::simd::log_sum_exp(v);
     (v.get(i).copied().unwrap_or(f32::NEG_INFINITY) as f64 - lse) as f32
 }
 
 /// The `n` largest entries as (id, log-prob), descending.
 pub fn top_logprobs(v: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+    let lse = crate::kernels::simd::log_sum_exp(v);
     let mut idx: Vec<u32> = (0..v.len() as u32).collect();
     let n = n.min(idx.len());
     if n == 0 {

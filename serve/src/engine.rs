@@ -10,20 +10,22 @@ use hromada_models::sampling::{Sampler, SamplingParams};
 use hromada_models::LoadedModel;
 
 use crate::block_manager::BlockManager;
-use crate::paged::{BatchSeq, PagedBatch, PagedKv};
+use crate::paged::{BatchSeq, KvCacheDType, PagedBatch, PagedKv};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId, Sequence};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub block_size: usize,
-    /// Bytes of K/V cache (f32, all layers).
+    /// Bytes of K/V cache (all layers).
     pub kv_cache_bytes: usize,
+    /// The cache's element type (`auto`: f16 on the CPU for quantized models).
+    pub kv_cache_dtype: KvCacheDType,
     pub scheduler: SchedulerConfig,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { block_size: 16, kv_cache_bytes: 512 << 20, scheduler: SchedulerConfig::default() }
+        Self { block_size: 16, kv_cache_bytes: 512 << 20, kv_cache_dtype: KvCacheDType::Auto, scheduler: SchedulerConfig::default() }
     }
 }
 
@@ -90,10 +92,18 @@ impl Engine {
         let layers = model.model.num_layers();
         let (n_kv, d) = model.model.kv_shape();
         let (device, dtype) = (model.model.device().clone(), model.model.dtype());
-        let elem = PagedKv::elem_bytes(&device, dtype);
+        let cpu_f16 = device.is_cpu() && PagedKv::cpu_f16(cfg.kv_cache_dtype, dtype, model.model.weights_quantized());
+        if !device.is_cpu() && cfg.kv_cache_dtype == KvCacheDType::F16 {
+            tracing::warn!("--kv-cache-dtype f16 applies to the CPU cache; the GPU cache keeps the model's precision (bf16 or f32)");
+        }
+        let elem = if cpu_f16 { 2 } else { PagedKv::elem_bytes(&device, dtype) };
         let num_blocks = PagedKv::blocks_for_budget(cfg.kv_cache_bytes, layers, cfg.block_size, n_kv, d, elem).max(1);
         tracing::info!(num_blocks, block_size = cfg.block_size, bytes_per_value = elem, "paged KV cache");
-        let kv = PagedKv::new(layers, num_blocks, cfg.block_size, n_kv, d, &device, dtype)?;
+        let kv = if cpu_f16 {
+            PagedKv::new_cpu_f16(layers, num_blocks, cfg.block_size, n_kv, d)
+        } else {
+            PagedKv::new(layers, num_blocks, cfg.block_size, n_kv, d, &device, dtype)?
+        };
         Ok(Self {
             kv,
             blocks: BlockManager::new(num_blocks, cfg.block_size),

@@ -6,9 +6,43 @@
 //! keys of its own sequence only, read straight from the blocks (no gather copy).
 use candle_core::{DType, Device, Result, Tensor};
 use hromada_models::cache::{AttnParams, KvCache};
+use half::f16;
+use hromada_models::kernels::attn::{attend_paged, write_kv, KvElem, PagedLayout, RowSpec};
 use rayon::prelude::*;
 
 use crate::block_manager::BlockId;
+
+/// One layer's K or V blocks in host memory: f32, or f16 (half the bytes a decode step
+/// streams, as llama.cpp's default cache; widened to f32 as the attention reads it).
+#[derive(Debug)]
+enum CpuStore {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+
+/// The element type of the paged cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDType {
+    /// On the CPU: f16 for quantized or half-precision models, f32 for f32 models (the
+    /// parity path). On a GPU: bf16 for bf16/f16 models, else f32.
+    #[default]
+    Auto,
+    F32,
+    F16,
+}
+
+impl std::str::FromStr for KvCacheDType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" | "half" => Ok(Self::F16),
+            other => Err(format!("unknown KV cache dtype `{other}` (expected auto, f32 or f16)")),
+        }
+    }
+}
 
 /// K/V storage for all layers.
 #[derive(Debug)]
@@ -17,8 +51,9 @@ pub struct PagedKv {
     pub num_blocks: usize,
     pub n_kv: usize,
     pub head_dim: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// Per layer, on the CPU.
+    k: Vec<CpuStore>,
+    v: Vec<CpuStore>,
     /// On a GPU the blocks live in device memory instead (`k`, `v` stay empty).
     #[cfg(feature = "cuda")]
     gpu: Option<crate::paged_cuda::CudaKv>,
@@ -32,6 +67,40 @@ impl PagedKv {
             4
         } else {
             2
+        }
+    }
+
+    /// Whether a CPU cache for this model holds f16 under `choice`: asked for, or `auto`
+    /// with quantized weights or half-precision activations.
+    pub fn cpu_f16(choice: KvCacheDType, dtype: DType, weights_quantized: bool) -> bool {
+        match choice {
+            KvCacheDType::F16 => true,
+            KvCacheDType::F32 => false,
+            KvCacheDType::Auto => weights_quantized || matches!(dtype, DType::BF16 | DType::F16),
+        }
+    }
+
+    /// A CPU cache of f16 values.
+    pub fn new_cpu_f16(layers: usize, num_blocks: usize, block_size: usize, n_kv: usize, head_dim: usize) -> Self {
+        let n = num_blocks * block_size * n_kv * head_dim;
+        Self {
+            block_size,
+            num_blocks,
+            n_kv,
+            head_dim,
+            k: (0..layers).map(|_| CpuStore::F16(vec![f16::ZERO; n])).collect(),
+            v: (0..layers).map(|_| CpuStore::F16(vec![f16::ZERO; n])).collect(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        }
+    }
+
+    /// Bytes per value of this cache.
+    pub fn value_bytes(&self) -> usize {
+        match self.k.first() {
+            Some(CpuStore::F16(_)) => 2,
+            Some(CpuStore::F32(_)) => 4,
+            None => 0,
         }
     }
 
@@ -57,8 +126,8 @@ impl PagedKv {
             num_blocks,
             n_kv,
             head_dim,
-            k: (0..layers).map(|_| vec![0f32; n]).collect(),
-            v: (0..layers).map(|_| vec![0f32; n]).collect(),
+            k: (0..layers).map(|_| CpuStore::F32(vec![0f32; n])).collect(),
+            v: (0..layers).map(|_| CpuStore::F32(vec![0f32; n])).collect(),
             #[cfg(feature = "cuda")]
             gpu: None,
         })
@@ -134,62 +203,61 @@ impl KvCache for PagedBatch<'_> {
         let vv_new = v.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let row = n_kv * d;
         // Write the new keys/values into their slots; map each token to (seq, position).
+        let layout = PagedLayout { block_size: self.kv.block_size, n_kv, head_dim: d };
         let mut tok = Vec::with_capacity(n);
         let mut t = 0;
         for (si, s) in self.seqs.iter().enumerate() {
             for i in 0..s.len {
                 let pos = s.start + i;
                 let slot = self.slot(s, pos).ok_or_else(|| candle_core::Error::Msg(format!("no block for position {pos}")))?;
-                self.kv.k[layer][slot * row..(slot + 1) * row].copy_from_slice(&kv_new[t * row..(t + 1) * row]);
-                self.kv.v[layer][slot * row..(slot + 1) * row].copy_from_slice(&vv_new[t * row..(t + 1) * row]);
+                let (kn, vn) = (&kv_new[t * row..(t + 1) * row], &vv_new[t * row..(t + 1) * row]);
+                match (&mut self.kv.k[layer], &mut self.kv.v[layer]) {
+                    (CpuStore::F32(ks), CpuStore::F32(vs)) => write_kv(ks, vs, &layout, slot, kn, vn),
+                    (CpuStore::F16(ks), CpuStore::F16(vs)) => write_kv(ks, vs, &layout, slot, kn, vn),
+                    _ => candle_core::bail!("paged cache layer {layer}: K and V stores differ in dtype"),
+                }
                 tok.push((si, pos));
                 t += 1;
             }
         }
-        let kst = &self.kv.k[layer];
-        let vst = &self.kv.v[layer];
-        let bs = self.kv.block_size;
         let rep = h / n_kv;
-        let seqs = &self.seqs;
+        let spec = RowSpec { head_dim: d, scale: p.scale as f32, softcap: p.softcap.map(|c| c as f32) };
         let mut out = vec![0f32; n * h * d];
-        out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
-            let (ti, head) = (idx / h, idx % h);
-            let (si, pos) = tok[ti];
-            let s = &seqs[si];
-            let g = head / rep;
-            let qh = &qv[(ti * h + head) * d..(ti * h + head + 1) * d];
-            let first = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            scores.clear();
-            let mut mx = f32::NEG_INFINITY;
-            for j in first..=pos {
-                let slot = s.table[j / bs] as usize * bs + j % bs;
-                let kr = &kst[slot * row + g * d..slot * row + (g + 1) * d];
-                let mut dot = 0f32;
-                for (a, b) in qh.iter().zip(kr) {
-                    dot += a * b;
-                }
-                let mut sc = dot * p.scale as f32;
-                if let Some(cap) = p.softcap {
-                    sc = (sc / cap as f32).tanh() * cap as f32;
-                }
-                mx = mx.max(sc);
-                scores.push(sc);
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - mx).exp();
-                sum += *sc;
-            }
-            let inv = 1.0 / sum;
-            for (jj, j) in (first..=pos).enumerate() {
-                let slot = s.table[j / bs] as usize * bs + j % bs;
-                let vr = &vst[slot * row + g * d..slot * row + (g + 1) * d];
-                let w = scores[jj] * inv;
-                for (a, b) in o.iter_mut().zip(vr) {
-                    *a += w * b;
-                }
-            }
-        });
+        let (seqs, window) = (&self.seqs, p.sliding_window);
+        match (&self.kv.k[layer], &self.kv.v[layer]) {
+            (CpuStore::F32(ks), CpuStore::F32(vs)) => attend_tokens(ks, vs, &layout, seqs, &tok, &qv, &mut out, rep, window, spec),
+            (CpuStore::F16(ks), CpuStore::F16(vs)) => attend_tokens(ks, vs, &layout, seqs, &tok, &qv, &mut out, rep, window, spec),
+            _ => candle_core::bail!("paged cache layer {layer}: K and V stores differ in dtype"),
+        }
         Tensor::from_vec(out, (n, h * d), &dev)?.to_dtype(q.dtype())
     }
+}
+
+/// Every token of the batch against its own sequence's keys: one task per token, each
+/// group of query heads sharing a K/V head at a time.
+#[allow(clippy::too_many_arguments)]
+fn attend_tokens<E: KvElem>(
+    keys: &[E],
+    values: &[E],
+    layout: &PagedLayout,
+    seqs: &[BatchSeq],
+    tok: &[(usize, usize)],
+    qv: &[f32],
+    out: &mut [f32],
+    rep: usize,
+    window: Option<usize>,
+    spec: RowSpec,
+) {
+    let d = layout.head_dim;
+    let h = layout.n_kv * rep;
+    out.par_chunks_mut(h * d).enumerate().for_each_init(Vec::new, |scratch: &mut Vec<f32>, (ti, o)| {
+        let (si, pos) = tok[ti];
+        let table = &seqs[si].table;
+        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        for g in 0..layout.n_kv {
+            let heads = g * rep..(g + 1) * rep;
+            let qs = &qv[(ti * h + heads.start) * d..(ti * h + heads.end) * d];
+            attend_paged(qs, keys, values, layout, g, table, first, pos, spec, scratch, &mut o[heads.start * d..heads.end * d]);
+        }
+    });
 }

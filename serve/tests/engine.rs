@@ -41,6 +41,7 @@ fn batched_greedy_equals_one_at_a_time_and_the_reference() {
         block_size: 16,
         kv_cache_bytes: 64 << 20,
         scheduler: SchedulerConfig { max_num_seqs: 16, max_num_batched_tokens: 48 },
+        ..Default::default()
     };
     let mut e = Engine::new(m.clone(), cfg.clone()).unwrap();
     for (i, (p, _)) in prompts.iter().enumerate() {
@@ -175,6 +176,7 @@ fn gemma3_paged_batched_greedy_matches_reference_past_the_window() {
         block_size: 16,
         kv_cache_bytes: 256 << 20,
         scheduler: SchedulerConfig { max_num_seqs: 16, max_num_batched_tokens: 256 },
+        ..Default::default()
     };
     let mut e = Engine::new(m.clone(), cfg).unwrap();
     for (i, (p, _)) in prompts.iter().enumerate() {

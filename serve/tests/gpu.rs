@@ -191,7 +191,7 @@ fn gpu_batching_invariance() {
         let p = &base[i % base.len()];
         p[..p.len() - (i / base.len()) % p.len().max(1) / 2].to_vec()
     }).collect();
-    let cfg = EngineConfig { block_size: 16, kv_cache_bytes: 256 << 20, scheduler: SchedulerConfig { max_num_seqs: 32, max_num_batched_tokens: 256 } };
+    let cfg = EngineConfig { block_size: 16, kv_cache_bytes: 256 << 20, scheduler: SchedulerConfig { max_num_seqs: 32, max_num_batched_tokens: 256 }, ..Default::default() };
     let mut e = Engine::new(m.clone(), cfg.clone()).unwrap();
     for (i, p) in prompts.iter().enumerate() {
         e.add(i as u64, p.clone(), greedy(16), 0).unwrap();

@@ -1,5 +1,23 @@
 //! CPU kernels that candle lacks or runs slowly.
+pub mod attn;
+pub mod ops;
 pub mod q4_1;
+pub mod simd;
+
+/// Whether this CPU has AVX-512F besides AVX2, FMA and F16C (detected once).
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512() -> bool {
+    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX512.get_or_init(|| has_avx2() && std::is_x86_feature_detected!("avx512f") && std::env::var("HROMADA_KERNEL").as_deref() != Ok("avx2"))
+}
+
+/// Whether this CPU has AVX2, FMA and F16C (every AVX2 CPU has the other two; detected
+/// once).
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx2() -> bool {
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c"))
+}
 
 /// The compute pool. A forward pass runs inside it (`install`), so the calling thread is
 /// one of its workers and no extra thread competes for the cores while idle workers spin

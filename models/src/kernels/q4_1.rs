@@ -1,67 +1,308 @@
-//! Q4_1 weights times f32 activations, the way llama.cpp does it on the CPU: activations
-//! are quantized per 32-block to 8 bits (Q8_1: scale and scaled sum), and every block
-//! dot product is an integer dot product of 4-bit and 8-bit values, with AVX2 when the
-//! CPU has it. candle has no SIMD path for Q4_1 (its scalar `vec_dot_unopt` made decode
-//! 5x slower than llama.cpp on the same file).
+//! Quantized weights times f32 activations on the CPU, as a small integer GEMM.
 //!
-//! Weights are repacked at load time into structure-of-arrays form (f32 scales and mins,
-//! packed nibbles), so the inner loop converts no half floats.
+//! Activations are quantized per 32-block to 8 bits (one f32 scale per block, as
+//! llama.cpp's Q8 activations), so every block's dot product is an exact integer sum and
+//! only the per-block scaling is floating point. Weights are repacked at load time into
+//! *panels* of 16 output columns: for each 32-value block of the reduction axis, a panel
+//! holds the 16 columns' values interleaved four at a time, which is the operand layout
+//! of AVX-512 VNNI's `vpdpbusd` (16 lanes, each a 4-byte u8·i8 dot product). One
+//! instruction then multiplies 64 weight bytes by four activation bytes broadcast to
+//! every lane, and a tile of up to eight activation rows reuses each unpacked panel
+//! block: the weight traffic of a prefill or a batched decode step is paid once per
+//! eight rows, not once per row.
+//!
+//! Two weight formats share the scheme:
+//! - [`Q4_1Matrix`]: 4-bit values `q` (0..15) with a scale and a minimum per block,
+//!   `w = d·q + m` (GGUF Q4_1, and Q4_K repacked exactly);
+//! - [`Q8_0Matrix`]: 8-bit values with one scale per 16 values (GGUF Q8_0 and Q5_0, whose
+//!   two halves share the scale, and Q6_K, repacked exactly). They are stored offset by
+//!   128 as unsigned bytes, the operand `vpdpbusd` multiplies, and the offset is taken
+//!   back out of the integer sum exactly (`Σ(w+128)·a − 128·Σa`).
+//!
+//! Arithmetic per output element, whatever the kernel (AVX-512 VNNI, AVX2, scalar) and
+//! whatever the number of rows in the call: for each block in order, the exact integer
+//! sum, then `acc = fma(isum, d_w·d_a, acc)` (and `acc = fma(m, d_a·Σa, acc)` for Q4_1).
+//! A row's result therefore never depends on the other rows of the batch, bit for bit,
+//! which seeded sampling in a continuously batched server relies on.
 use half::f16;
 use rayon::prelude::*;
 
 pub const QK: usize = 32;
+/// Output columns per panel (one 512-bit register of i32/f32 lanes).
+const NR: usize = 16;
+/// Activation rows per register tile.
+const MR: usize = 8;
 const BLOCK_BYTES: usize = 20;
 
-/// A `[n, k]` Q4_1 matrix, repacked.
+/// Calls `$f::<R>` for the tile height `$rt` (1..=MR), so each height has its own fully
+/// unrolled register tile.
+macro_rules! dispatch_rows {
+    ($rt:expr, $f:ident $(::<$c:tt>)?, $($arg:expr),*) => {
+        match $rt {
+            1 => $f::<$($c,)? 1>($($arg),*),
+            2 => $f::<$($c,)? 2>($($arg),*),
+            3 => $f::<$($c,)? 3>($($arg),*),
+            4 => $f::<$($c,)? 4>($($arg),*),
+            5 => $f::<$($c,)? 5>($($arg),*),
+            6 => $f::<$($c,)? 6>($($arg),*),
+            7 => $f::<$($c,)? 7>($($arg),*),
+            _ => $f::<$($c,)? 8>($($arg),*),
+        }
+    };
+}
+
+/// A `[n, k]` matrix of 4-bit values with a scale and a minimum per 32-block, in panels.
 #[derive(Debug, Clone)]
 pub struct Q4_1Matrix {
     pub n: usize,
     pub k: usize,
-    /// `[n * k/32]` block scales.
+    /// `[panels * kb * 16]`: panel p, block b, column l at `(p·kb + b)·16 + l`.
     d: Vec<f32>,
-    /// `[n * k/32]` block minimums.
     m: Vec<f32>,
-    /// `[n * k/32 * 16]` packed nibbles: byte j holds element j (low) and j+16 (high).
+    /// `[panels * kb * 256]`: per panel block, four 64-byte chunks; chunk j byte `4l + i`
+    /// holds column l's value `4j + i` (low nibble) and `16 + 4j + i` (high nibble).
     qs: Vec<u8>,
 }
 
-/// A `[n, k]` matrix of i8 values with one f32 scale per 16 values (ggml's Q8_0 has one
-/// per 32, stored twice; Q5_0 and Q6_K repack into it exactly), repacked for the kernels.
+/// A `[n, k]` matrix of i8 values with one f32 scale per 16 values, in panels.
 #[derive(Debug, Clone)]
 pub struct Q8_0Matrix {
     pub n: usize,
     pub k: usize,
-    /// `[n * k/16]` scales: block b's halves are `d[2b]` and `d[2b+1]`.
+    /// `[panels * kb * 2 * 16]`: panel p, block b, half h, column l at `((p·kb + b)·2 + h)·16 + l`.
     d: Vec<f32>,
-    qs: Vec<i8>,
+    /// `[panels * kb * 512]`: per panel block, eight 64-byte groups; group g byte `4l + i`
+    /// holds column l's value `4g + i` plus 128, as u8.
+    qs: Vec<u8>,
+    /// Both halves of every block share one scale (Q8_0, Q5_0): one scaling per block.
+    uniform: bool,
+}
+
+/// Activations quantized per 32-block: `x ≈ d·q`; `s = d·Σq` (the Q4_1 minimum term)
+/// and the integer sums of each 16-value half (the Q8 offset correction).
+struct Q8Rows {
+    d: Vec<f32>,
+    s: Vec<f32>,
+    sum16: Vec<i32>,
+    q: Vec<i8>,
+}
+
+/// Scatter per-column values `val(col, u)` (u: a unit index along k) into panel order:
+/// `[panels][units][16]`, zero for the padding columns past `n`.
+fn panel_scales(n: usize, units: usize, val: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+    let panels = n.div_ceil(NR);
+    let mut out = vec![0f32; panels * units * NR];
+    for col in 0..n {
+        let (p, l) = (col / NR, col % NR);
+        for u in 0..units {
+            out[(p * units + u) * NR + l] = val(col, u);
+        }
+    }
+    out
+}
+
+impl Q4_1Matrix {
+    /// From row-major 4-bit values (`q[col·k + i]`, 0..15) and per-block `d`, `m`
+    /// (`[n · k/32]`, row-major).
+    fn pack(n: usize, k: usize, q: &[u8], d: &[f32], m: &[f32]) -> Self {
+        let kb = k / QK;
+        let panels = n.div_ceil(NR);
+        let mut qs = vec![0u8; panels * kb * 256];
+        for col in 0..n {
+            let (p, l) = (col / NR, col % NR);
+            for b in 0..kb {
+                let src = &q[col * k + b * QK..col * k + (b + 1) * QK];
+                let dst = &mut qs[(p * kb + b) * 256..(p * kb + b + 1) * 256];
+                for j in 0..4 {
+                    for i in 0..4 {
+                        dst[j * 64 + 4 * l + i] = src[4 * j + i] | (src[16 + 4 * j + i] << 4);
+                    }
+                }
+            }
+        }
+        Self {
+            n,
+            k,
+            d: panel_scales(n, kb, |c, b| d[c * kb + b]),
+            m: panel_scales(n, kb, |c, b| m[c * kb + b]),
+            qs,
+        }
+    }
+
+    /// From GGUF Q4_1 bytes (ggml's `block_q4_1`: f16 d, f16 m, 16 bytes of nibbles).
+    pub fn from_ggml_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        if k % QK != 0 || bytes.len() != n * (k / QK) * BLOCK_BYTES {
+            return None;
+        }
+        let nb = n * (k / QK);
+        let (mut d, mut m) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
+        let mut q = Vec::with_capacity(n * k);
+        for b in bytes.chunks_exact(BLOCK_BYTES) {
+            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            m.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
+            q.extend(b[4..20].iter().map(|x| x & 0x0F));
+            q.extend(b[4..20].iter().map(|x| x >> 4));
+        }
+        Some(Self::pack(n, k, &q, &d, &m))
+    }
+
+    /// ggml `block_q4_K` bytes (256 values: f16 d and dmin, 12 bytes of 6-bit sub-block
+    /// scales and minimums, 128 bytes of nibbles) as Q4_1: each 32-value sub-block is
+    /// `(d·sc)·q − dmin·m`, i.e. a Q4_1 block with scale `d·sc` and minimum `−dmin·m`
+    /// (computed in f32 as ggml does), so the repacking is exact.
+    pub fn from_q4_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        const QKK: usize = 256;
+        const BYTES: usize = 144;
+        if k % QKK != 0 || bytes.len() != n * (k / QKK) * BYTES {
+            return None;
+        }
+        let nb = n * (k / QK);
+        let (mut d, mut m) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
+        let mut qv = Vec::with_capacity(n * k);
+        for b in bytes.chunks_exact(BYTES) {
+            let dd = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
+            let sc = &b[4..16];
+            let q = &b[16..144];
+            let scale_min = |j: usize| -> (u8, u8) {
+                if j < 4 {
+                    (sc[j] & 63, sc[j + 4] & 63)
+                } else {
+                    ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+                }
+            };
+            for c in 0..4 {
+                let chunk = &q[c * 32..c * 32 + 32];
+                for (half, shift) in [(0usize, 0u8), (1, 4)] {
+                    let (s, mn) = scale_min(2 * c + half);
+                    d.push(dd * s as f32);
+                    m.push(-(dmin * mn as f32));
+                    qv.extend(chunk.iter().map(|x| (x >> shift) & 0x0F));
+                }
+            }
+        }
+        Some(Self::pack(n, k, &qv, &d, &m))
+    }
+
+    /// Dense f32 values (row-major `[n, k]`), for checks, exports and the backward pass.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let kb = self.k / QK;
+        let mut out = vec![0f32; self.n * self.k];
+        for col in 0..self.n {
+            let (p, l) = (col / NR, col % NR);
+            for b in 0..kb {
+                let pb = p * kb + b;
+                let blk = &self.qs[pb * 256..(pb + 1) * 256];
+                let (d, m) = (self.d[pb * NR + l], self.m[pb * NR + l]);
+                let o = &mut out[col * self.k + b * QK..col * self.k + (b + 1) * QK];
+                for j in 0..4 {
+                    for i in 0..4 {
+                        let byte = blk[j * 64 + 4 * l + i];
+                        o[4 * j + i] = d * (byte & 0x0F) as f32 + m;
+                        o[16 + 4 * j + i] = d * (byte >> 4) as f32 + m;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `dst[r, j] = Σ_i x[r, i] · W[j, i]` for `x`: `[rows, k]` row-major.
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        debug_assert_eq!(x.len(), rows * self.k);
+        self.matmul_isa(x, rows, isa())
+    }
+
+    fn matmul_isa(&self, x: &[f32], rows: usize, isa: Isa) -> Vec<f32> {
+        let a = quantize_rows(x, rows, self.k);
+        gemm(rows, self.n, |p, r0, rt, out, ldo, cols| self.tile(isa, p, r0, rt, &a, out, ldo, cols))
+    }
+
+    /// Rows `r0..r0 + rt` (rt <= MR) times panel `p`, into `out` (row stride `ldo`),
+    /// writing the first `cols` columns of the panel.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(&self, isa: Isa, p: usize, r0: usize, rt: usize, a: &Q8Rows, out: *mut f32, ldo: usize, cols: usize) {
+        let kb = self.k / QK;
+        let (wq, wd, wm) = (&self.qs[p * kb * 256..(p + 1) * kb * 256], &self.d[p * kb * NR..(p + 1) * kb * NR], &self.m[p * kb * NR..(p + 1) * kb * NR]);
+        let k = self.k;
+        let (aq, ad, asum) = (&a.q[r0 * k..(r0 + rt) * k], &a.d[r0 * kb..(r0 + rt) * kb], &a.s[r0 * kb..(r0 + rt) * kb]);
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            // SAFETY: the features were detected; the slices hold rt rows and kb blocks,
+            // and `out` has rt rows of stride ldo with `cols` writable columns.
+            Isa::Vnni => return unsafe { dispatch_rows!(rt, q4_vnni, wq, wd, wm, aq, ad, asum, kb, out, ldo, cols) },
+            Isa::Avx2 => return unsafe { dispatch_rows!(rt, q4_avx2, wq, wd, wm, aq, ad, asum, kb, out, ldo, cols) },
+            Isa::Scalar => {}
+        }
+        for i in 0..rt {
+            for l in 0..cols {
+                let mut acc = 0f32;
+                for b in 0..kb {
+                    let blk = &wq[b * 256..(b + 1) * 256];
+                    let av = &aq[i * k + b * QK..i * k + (b + 1) * QK];
+                    let mut isum = 0i32;
+                    for j in 0..4 {
+                        for t in 0..4 {
+                            let byte = blk[j * 64 + 4 * l + t];
+                            isum += (byte & 0x0F) as i32 * av[4 * j + t] as i32 + (byte >> 4) as i32 * av[16 + 4 * j + t] as i32;
+                        }
+                    }
+                    acc = (isum as f32).mul_add(wd[b * NR + l] * ad[i * kb + b], acc);
+                    acc = wm[b * NR + l].mul_add(asum[i * kb + b], acc);
+                }
+                // SAFETY: row i < rt and column l < cols are inside `out`.
+                unsafe { *out.add(i * ldo + l) = acc };
+            }
+        }
+    }
 }
 
 impl Q8_0Matrix {
+    /// From row-major i8 values and per-16 scales (`[n · k/16]`, row-major).
+    fn pack(n: usize, k: usize, q: &[i8], d16: &[f32], uniform: bool) -> Self {
+        let kb = k / QK;
+        let panels = n.div_ceil(NR);
+        let mut qs = vec![128u8; panels * kb * 512];
+        for col in 0..n {
+            let (p, l) = (col / NR, col % NR);
+            for b in 0..kb {
+                let src = &q[col * k + b * QK..col * k + (b + 1) * QK];
+                let dst = &mut qs[(p * kb + b) * 512..(p * kb + b + 1) * 512];
+                for g in 0..8 {
+                    for i in 0..4 {
+                        dst[g * 64 + 4 * l + i] = (src[4 * g + i] as u8) ^ 0x80;
+                    }
+                }
+            }
+        }
+        Self { n, k, d: panel_scales(n, 2 * kb, |c, u| d16[c * 2 * kb + u]), qs, uniform }
+    }
+
     pub fn from_ggml_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
         if k % QK != 0 || bytes.len() != n * (k / QK) * 34 {
             return None;
         }
         let nb = n * (k / QK);
         let mut d = Vec::with_capacity(nb * 2);
-        let mut qs = Vec::with_capacity(nb * QK);
+        let mut q = Vec::with_capacity(nb * QK);
         for b in bytes.chunks_exact(34) {
             let s = f16::from_le_bytes([b[0], b[1]]).to_f32();
             d.extend([s, s]);
-            qs.extend(b[2..34].iter().map(|&x| x as i8));
+            q.extend(b[2..34].iter().map(|&x| x as i8));
         }
-        Some(Self { n, k, d, qs })
+        Some(Self::pack(n, k, &q, &d, true))
     }
 
     /// A ggml `block_q5_0` matrix (f16 d, 32 high bits, 16 bytes of low nibbles) as Q8_0:
     /// every Q5_0 value `q - 16` (-16..15) fits an i8 under the same scale, so the
-    /// conversion is exact and the Q8_0 kernel runs it (candle's Q5_0 dot is scalar).
+    /// conversion is exact.
     pub fn from_q5_0_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
         if k % QK != 0 || bytes.len() != n * (k / QK) * 22 {
             return None;
         }
         let nb = n * (k / QK);
         let mut d = Vec::with_capacity(nb * 2);
-        let mut qs = Vec::with_capacity(nb * QK);
+        let mut q = Vec::with_capacity(nb * QK);
         for b in bytes.chunks_exact(22) {
             let s = f16::from_le_bytes([b[0], b[1]]).to_f32();
             d.extend([s, s]);
@@ -74,9 +315,9 @@ impl Q8_0Matrix {
                 block[j] = ((lo[j] & 0x0F) | h0) as i8 - 16;
                 block[j + 16] = ((lo[j] >> 4) | h1) as i8 - 16;
             }
-            qs.extend_from_slice(&block);
+            q.extend_from_slice(&block);
         }
-        Some(Self { n, k, d, qs })
+        Some(Self::pack(n, k, &q, &d, true))
     }
 
     /// ggml `block_q6_K` bytes (256 values: 128 bytes of low nibbles, 64 of high 2-bit
@@ -111,105 +352,124 @@ impl Q8_0Matrix {
             }
             o += QKK;
         }
-        Some(Self { n, k, d, qs })
+        Some(Self::pack(n, k, &qs, &d, false))
     }
 
+    /// Dense f32 values (row-major `[n, k]`).
     pub fn dequantize(&self) -> Vec<f32> {
-        self.qs.iter().enumerate().map(|(i, &q)| self.d[i / 16] * q as f32).collect()
+        let kb = self.k / QK;
+        let mut out = vec![0f32; self.n * self.k];
+        for col in 0..self.n {
+            let (p, l) = (col / NR, col % NR);
+            for b in 0..kb {
+                let pb = p * kb + b;
+                let blk = &self.qs[pb * 512..(pb + 1) * 512];
+                let o = &mut out[col * self.k + b * QK..col * self.k + (b + 1) * QK];
+                for v in 0..QK {
+                    let q = (blk[(v / 4) * 64 + 4 * l + v % 4] ^ 0x80) as i8;
+                    o[v] = self.d[(pb * 2 + v / 16) * NR + l] * q as f32;
+                }
+            }
+        }
+        out
     }
 
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        debug_assert_eq!(x.len(), rows * self.k);
+        self.matmul_isa(x, rows, isa())
+    }
+
+    fn matmul_isa(&self, x: &[f32], rows: usize, isa: Isa) -> Vec<f32> {
+        let a = quantize_rows(x, rows, self.k);
+        gemm(rows, self.n, |p, r0, rt, out, ldo, cols| self.tile(isa, p, r0, rt, &a, out, ldo, cols))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn tile(&self, isa: Isa, p: usize, r0: usize, rt: usize, a: &Q8Rows, out: *mut f32, ldo: usize, cols: usize) {
         let kb = self.k / QK;
+        let (wq, wd) = (&self.qs[p * kb * 512..(p + 1) * kb * 512], &self.d[p * kb * 2 * NR..(p + 1) * kb * 2 * NR]);
         let k = self.k;
-        let isa = isa();
-        tiled(x, rows, self.n, k, |a, j, r0, out| {
-            let (wd, wq) = (&self.d[j * kb * 2..(j + 1) * kb * 2], &self.qs[j * k..(j + 1) * k]);
-            #[cfg(target_arch = "x86_64")]
-            match isa {
-                // SAFETY: the features were detected; rows r0..r0+out.len() exist in `a`.
-                Isa::Vnni => return unsafe { dot4_q8_0_vnni(wd, wq, a, r0, kb, out) },
-                Isa::Avx2 => return unsafe { dot4_q8_0_avx2(wd, wq, a, r0, kb, out) },
-                Isa::Scalar => {}
+        let (aq, ad, sums) = (&a.q[r0 * k..(r0 + rt) * k], &a.d[r0 * kb..(r0 + rt) * kb], &a.sum16[r0 * 2 * kb..(r0 + rt) * 2 * kb]);
+        #[cfg(target_arch = "x86_64")]
+        match (isa, self.uniform) {
+            // SAFETY: as in Q4_1Matrix::tile.
+            (Isa::Vnni, true) => return unsafe { dispatch_rows!(rt, q8_vnni::<false>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
+            (Isa::Vnni, false) => return unsafe { dispatch_rows!(rt, q8_vnni::<true>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
+            (Isa::Avx2, true) => return unsafe { dispatch_rows!(rt, q8_avx2::<false>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
+            (Isa::Avx2, false) => return unsafe { dispatch_rows!(rt, q8_avx2::<true>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
+            _ => {}
+        }
+        for i in 0..rt {
+            for l in 0..cols {
+                let mut acc = 0f32;
+                for b in 0..kb {
+                    let blk = &wq[b * 512..(b + 1) * 512];
+                    let av = &aq[i * k + b * QK..i * k + (b + 1) * QK];
+                    let half = |h: usize| -> i32 { (h * 16..h * 16 + 16).map(|v| ((blk[(v / 4) * 64 + 4 * l + v % 4] ^ 0x80) as i8) as i32 * av[v] as i32).sum() };
+                    let da = ad[i * kb + b];
+                    if self.uniform {
+                        acc = ((half(0) + half(1)) as f32).mul_add(wd[b * 2 * NR + l] * da, acc);
+                    } else {
+                        acc = (half(0) as f32).mul_add(wd[b * 2 * NR + l] * da, acc);
+                        acc = (half(1) as f32).mul_add(wd[(b * 2 + 1) * NR + l] * da, acc);
+                    }
+                }
+                // SAFETY: row i < rt and column l < cols are inside `out`.
+                unsafe { *out.add(i * ldo + l) = acc };
             }
-            for (i, o) in out.iter_mut().enumerate() {
-                let r = r0 + i;
-                *o = dot_row_q8_scalar(wd, wq, &a.d[r * kb..(r + 1) * kb], &a.q[r * k..(r + 1) * k]);
-            }
-        })
+        }
     }
 }
 
-/// Shared driver: quantize `x` once, split output columns across threads; each task
-/// computes a `[rows, chunk]` tile, four activation rows at a time, so each weight block
-/// is loaded and unpacked once per four rows (this is what makes batching pay).
-fn tiled(x: &[f32], rows: usize, n: usize, k: usize, dot: impl Fn(&Q8Rows, usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let a = quantize_rows(x, rows, k);
+
+/// A raw output pointer handed to the tasks; each writes only its own panels' columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint column ranges of the buffer, which outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// The driver: panels split across the compute pool; each task runs its panels over all
+/// rows in tiles of `MR`, the panel's weights staying in L1 while the quantized
+/// activations stream from L2. `tile(panel, r0, rt, out, ldo, cols)`.
+fn gemm(rows: usize, n: usize, tile: impl Fn(usize, usize, usize, *mut f32, usize, usize) + Sync) -> Vec<f32> {
     let mut out = vec![0f32; rows * n];
+    if rows == 0 || n == 0 {
+        return out;
+    }
+    let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
-    let chunk = n.div_ceil(threads * 4).clamp(16, 1024);
-    let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
-        .into_par_iter()
-        .map(|c| {
-            let j0 = c * chunk;
-            let j1 = (j0 + chunk).min(n);
-            let w = j1 - j0;
-            let mut tile = vec![0f32; rows * w];
-            let mut acc = [0f32; 4];
-            for j in j0..j1 {
-                let mut r0 = 0;
-                while r0 < rows {
-                    let g = (rows - r0).min(4);
-                    dot(&a, j, r0, &mut acc[..g]);
-                    for i in 0..g {
-                        tile[(r0 + i) * w + (j - j0)] = acc[i];
-                    }
-                    r0 += g;
-                }
+    // Enough tasks to balance two threads; few enough that a decode step's small matmuls
+    // are not drowned in task overhead.
+    let per_task = panels.div_ceil(threads * 4).max(1);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let run = |t: usize| {
+        let ptr = ptr;
+        for p in t * per_task..((t + 1) * per_task).min(panels) {
+            let col0 = p * NR;
+            let cols = (n - col0).min(NR);
+            let mut r0 = 0;
+            while r0 < rows {
+                let rt = (rows - r0).min(MR);
+                // SAFETY: row r0 column col0 is inside `out` (rows x n).
+                tile(p, r0, rt, unsafe { ptr.0.add(r0 * n + col0) }, n, cols);
+                r0 += rt;
             }
-            (j0, tile)
-        })
-        .collect();
-    for (j0, tile) in tiles {
-        let w = tile.len() / rows.max(1);
-        for r in 0..rows {
-            out[r * n + j0..r * n + j0 + w].copy_from_slice(&tile[r * w..(r + 1) * w]);
         }
+    };
+    let tasks = panels.div_ceil(per_task);
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
     }
     out
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot4_q4_1_avx2(wd: &[f32], wm: &[f32], wq: &[u8], a: &Q8Rows, r0: usize, kb: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let mask = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let g = out.len().min(4);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut accm = [0f32; 4];
-    let k = kb * QK;
-    for b in 0..kb {
-        let raw = _mm_loadu_si128(wq.as_ptr().add(b * 16) as *const __m128i);
-        let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
-        let d = *wd.get_unchecked(b);
-        let m = *wm.get_unchecked(b);
-        for i in 0..g {
-            let r = r0 + i;
-            let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
-            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa), ones);
-            let scale = _mm256_set1_ps(d * *a.d.get_unchecked(r * kb + b));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i]);
-            accm[i] += m * *a.s.get_unchecked(r * kb + b);
-        }
-    }
-    for i in 0..g {
-        out[i] = hsum(acc[i]) + accm[i];
-    }
 }
 
 /// The instruction set the kernels use, detected once per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isa {
+    /// AVX-512 F/BW + VNNI (512-bit `vpdpbusd`).
     Vnni,
     Avx2,
     Scalar,
@@ -220,8 +480,12 @@ fn isa() -> Isa {
     *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
+            if std::env::var("HROMADA_KERNEL").as_deref() == Ok("scalar") {
+                return Isa::Scalar;
+            }
             let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-            if avx2 && std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") {
+            let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vnni");
+            if avx2 && avx512 && std::env::var("HROMADA_KERNEL").as_deref() != Ok("avx2") {
                 return Isa::Vnni;
             }
             if avx2 {
@@ -232,286 +496,261 @@ fn isa() -> Isa {
     })
 }
 
-/// As `dot4_q4_1_avx2`, with AVX-512 VNNI's `vpdpbusd` (u8 x i8 -> i32 in one
-/// instruction); the min term is a separate dot product over the block sums.
+/// Q4_1 register tile, AVX-512 VNNI: `R` rows x 16 columns.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-unsafe fn dot4_q4_1_vnni(wd: &[f32], wm: &[f32], wq: &[u8], a: &Q8Rows, r0: usize, kb: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_vnni<const R: usize>(wq: &[u8], wd: &[f32], wm: &[f32], aq: &[i8], ad: &[f32], asum: &[f32], kb: usize, out: *mut f32, ldo: usize, cols: usize) {
     use std::arch::x86_64::*;
-    let mask = _mm256_set1_epi8(0x0F);
-    let zero = _mm256_setzero_si256();
-    let g = out.len().min(4);
-    let mut acc = [_mm256_setzero_ps(); 4];
     let k = kb * QK;
+    let low = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..kb {
-        let raw = _mm_loadu_si128(wq.as_ptr().add(b * 16) as *const __m128i);
-        let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
-        let d = *wd.get_unchecked(b);
-        for i in 0..g {
-            let r = r0 + i;
-            let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
-            let p32 = _mm256_dpbusd_epi32(zero, qw, qa);
-            let scale = _mm256_set1_ps(d * *a.d.get_unchecked(r * kb + b));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i]);
+        let base = wq.as_ptr().add(b * 256);
+        let mut w = [_mm512_setzero_si512(); 8];
+        for j in 0..4 {
+            let raw = _mm512_loadu_si512(base.add(j * 64) as *const _);
+            w[j] = _mm512_and_si512(raw, low);
+            w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+        }
+        let d = _mm512_loadu_ps(wd.as_ptr().add(b * NR));
+        let m = _mm512_loadu_ps(wm.as_ptr().add(b * NR));
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let ap = aq.as_ptr().add(i * k + b * QK) as *const i32;
+            // Two chains of four (integer sums: the split changes nothing).
+            let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(ap.read_unaligned()));
+            let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_set1_epi32(ap.add(1).read_unaligned()));
+            for g in (2..8).step_by(2) {
+                s0 = _mm512_dpbusd_epi32(s0, w[g], _mm512_set1_epi32(ap.add(g).read_unaligned()));
+                s1 = _mm512_dpbusd_epi32(s1, w[g + 1], _mm512_set1_epi32(ap.add(g + 1).read_unaligned()));
+            }
+            let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(*ad.get_unchecked(i * kb + b))), *acc);
+            *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*asum.get_unchecked(i * kb + b)), *acc);
         }
     }
-    for i in 0..g {
-        let r = r0 + i;
-        let sums = &a.s[r * kb..(r + 1) * kb];
-        // The min term, sum_b m_b * s_b, eight blocks per instruction.
-        let mut mv = _mm256_setzero_ps();
-        let mut b = 0;
-        while b + 8 <= kb {
-            mv = _mm256_fmadd_ps(_mm256_loadu_ps(wm.as_ptr().add(b)), _mm256_loadu_ps(sums.as_ptr().add(b)), mv);
-            b += 8;
-        }
-        let mut m = hsum(mv);
-        while b < kb {
-            m += *wm.get_unchecked(b) * *sums.get_unchecked(b);
-            b += 1;
-        }
-        out[i] = hsum(acc[i]) + m;
+    let mask: __mmask16 = if cols >= NR { 0xFFFF } else { (1u16 << cols) - 1 };
+    for (i, acc) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(out.add(i * ldo), mask, *acc);
     }
 }
 
+/// Q8 register tile, AVX-512 VNNI. `HALVES`: a scale per 16 values (else per 32).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot4_q8_0_avx2(wd: &[f32], wq: &[i8], a: &Q8Rows, r0: usize, kb: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_vnni<const HALVES: bool, const R: usize>(wq: &[u8], wd: &[f32], sums: &[i32], aq: &[i8], ad: &[f32], kb: usize, out: *mut f32, ldo: usize, cols: usize) {
     use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
-    let g = out.len().min(4);
-    let mut acc = [_mm256_setzero_ps(); 4];
     let k = kb * QK;
+    let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..kb {
-        let w = _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i);
-        let aw = _mm256_sign_epi8(w, w);
-        // Lanes 0-3 sum bytes 0-15 (the first half's scale), lanes 4-7 bytes 16-31.
-        let d = _mm256_setr_m128(_mm_set1_ps(*wd.get_unchecked(2 * b)), _mm_set1_ps(*wd.get_unchecked(2 * b + 1)));
-        for i in 0..g {
-            let r = r0 + i;
-            let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
-            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qa, w)), ones);
-            let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.d.get_unchecked(r * kb + b)));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i]);
+        let base = wq.as_ptr().add(b * 512);
+        let mut w = [_mm512_setzero_si512(); 8];
+        for (g, w) in w.iter_mut().enumerate() {
+            *w = _mm512_loadu_si512(base.add(g * 64) as *const _);
         }
-    }
-    for i in 0..g {
-        out[i] = hsum(acc[i]);
-    }
-}
-
-/// As `dot4_q8_0_avx2`, with `vpdpbusd`: |w| (u8) times x carrying w's sign (i8),
-/// accumulated in i32 without the i16 saturation of `maddubs`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-unsafe fn dot4_q8_0_vnni(wd: &[f32], wq: &[i8], a: &Q8Rows, r0: usize, kb: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let zero = _mm256_setzero_si256();
-    let g = out.len().min(4);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let k = kb * QK;
-    for b in 0..kb {
-        let w = _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i);
-        let aw = _mm256_sign_epi8(w, w);
-        let d = _mm256_setr_m128(_mm_set1_ps(*wd.get_unchecked(2 * b)), _mm_set1_ps(*wd.get_unchecked(2 * b + 1)));
-        for i in 0..g {
-            let r = r0 + i;
-            let qa = _mm256_loadu_si256(a.q.as_ptr().add(r * k + b * QK) as *const __m256i);
-            let p32 = _mm256_dpbusd_epi32(zero, aw, _mm256_sign_epi8(qa, w));
-            let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.d.get_unchecked(r * kb + b)));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i]);
-        }
-    }
-    for i in 0..g {
-        out[i] = hsum(acc[i]);
-    }
-}
-
-/// Scalar fallback for CPUs without AVX2 (and the reference for the SIMD paths).
-fn dot_row_q8_scalar(wd: &[f32], wq: &[i8], ad: &[f32], aq: &[i8]) -> f32 {
-    let mut acc = 0f32;
-    for b in 0..ad.len() {
-        for h in 0..2 {
-            let isum: i32 = (h * 16..h * 16 + 16).map(|i| wq[b * QK + i] as i32 * aq[b * QK + i] as i32).sum();
-            acc += wd[2 * b + h] * ad[b] * isum as f32;
-        }
-    }
-    acc
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let hi = _mm256_extractf128_ps(acc, 1);
-    let lo = _mm256_castps256_ps128(acc);
-    let s = _mm_add_ps(hi, lo);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
-}
-
-/// Activations quantized per 32-block: `x ≈ d * q`, `s = d * sum(q)`.
-struct Q8Rows {
-    d: Vec<f32>,
-    s: Vec<f32>,
-    q: Vec<i8>,
-}
-
-impl Q4_1Matrix {
-    /// From GGUF Q4_1 bytes (ggml's `block_q4_1`: f16 d, f16 m, 16 bytes of nibbles).
-    pub fn from_ggml_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        if k % QK != 0 || bytes.len() != n * (k / QK) * BLOCK_BYTES {
-            return None;
-        }
-        let nb = n * (k / QK);
-        let mut d = Vec::with_capacity(nb);
-        let mut m = Vec::with_capacity(nb);
-        let mut qs = Vec::with_capacity(nb * 16);
-        for b in bytes.chunks_exact(BLOCK_BYTES) {
-            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-            m.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
-            qs.extend_from_slice(&b[4..20]);
-        }
-        Some(Self { n, k, d, m, qs })
-    }
-
-    /// ggml `block_q4_K` bytes (256 values: f16 d and dmin, 12 bytes of 6-bit sub-block
-    /// scales and minimums, 128 bytes of nibbles) as Q4_1: each 32-value sub-block is
-    /// `(d·sc)·q − dmin·m`, i.e. a Q4_1 block with scale `d·sc` and minimum `−dmin·m`
-    /// (computed in f32 as ggml does), so the repacking is exact.
-    pub fn from_q4_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        const QKK: usize = 256;
-        const BYTES: usize = 144;
-        if k % QKK != 0 || bytes.len() != n * (k / QKK) * BYTES {
-            return None;
-        }
-        let nb = n * (k / QK);
-        let mut d = Vec::with_capacity(nb);
-        let mut m = Vec::with_capacity(nb);
-        let mut qs = Vec::with_capacity(nb * 16);
-        for b in bytes.chunks_exact(BYTES) {
-            let dd = f16::from_le_bytes([b[0], b[1]]).to_f32();
-            let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
-            let sc = &b[4..16];
-            let q = &b[16..144];
-            let scale_min = |j: usize| -> (u8, u8) {
-                if j < 4 {
-                    (sc[j] & 63, sc[j + 4] & 63)
-                } else {
-                    ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
-                }
+        let d0 = _mm512_loadu_ps(wd.as_ptr().add(b * 2 * NR));
+        let d1 = _mm512_loadu_ps(wd.as_ptr().add((b * 2 + 1) * NR));
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let ap = aq.as_ptr().add(i * k + b * QK) as *const i32;
+            let half = |h: usize| {
+                let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4 * h], _mm512_set1_epi32(ap.add(4 * h).read_unaligned()));
+                let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4 * h + 1], _mm512_set1_epi32(ap.add(4 * h + 1).read_unaligned()));
+                s0 = _mm512_dpbusd_epi32(s0, w[4 * h + 2], _mm512_set1_epi32(ap.add(4 * h + 2).read_unaligned()));
+                s1 = _mm512_dpbusd_epi32(s1, w[4 * h + 3], _mm512_set1_epi32(ap.add(4 * h + 3).read_unaligned()));
+                _mm512_add_epi32(s0, s1)
             };
-            for c in 0..4 {
-                let chunk = &q[c * 32..c * 32 + 32];
-                for (half, shift) in [(0usize, 0u8), (1, 4)] {
-                    let (s, mn) = scale_min(2 * c + half);
-                    d.push(dd * s as f32);
-                    m.push(-(dmin * mn as f32));
-                    let nib = |l: usize| (chunk[l] >> shift) & 0x0F;
-                    for j in 0..16 {
-                        qs.push(nib(j) | (nib(j + 16) << 4));
-                    }
-                }
+            let da = _mm512_set1_ps(*ad.get_unchecked(i * kb + b));
+            let (sa, sb) = (*sums.get_unchecked(i * 2 * kb + 2 * b), *sums.get_unchecked(i * 2 * kb + 2 * b + 1));
+            if HALVES {
+                // Σ(w+128)·a − 128·Σa, exactly, per half.
+                let h0 = _mm512_sub_epi32(half(0), _mm512_set1_epi32(sa << 7));
+                let h1 = _mm512_sub_epi32(half(1), _mm512_set1_epi32(sb << 7));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h0), _mm512_mul_ps(d0, da), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h1), _mm512_mul_ps(d1, da), *acc);
+            } else {
+                let s = _mm512_sub_epi32(_mm512_add_epi32(half(0), half(1)), _mm512_set1_epi32((sa + sb) << 7));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d0, da), *acc);
             }
         }
-        Some(Self { n, k, d, m, qs })
     }
-
-    /// Dense f32 values (row-major `[n, k]`), for checks and exports.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let nb = self.n * (self.k / QK);
-        let mut out = vec![0f32; self.n * self.k];
-        for b in 0..nb {
-            let q = &self.qs[b * 16..b * 16 + 16];
-            let o = &mut out[b * QK..(b + 1) * QK];
-            for j in 0..16 {
-                o[j] = self.d[b] * (q[j] & 0x0F) as f32 + self.m[b];
-                o[j + 16] = self.d[b] * (q[j] >> 4) as f32 + self.m[b];
-            }
-        }
-        out
-    }
-
-    /// `dst[r, j] = sum_i x[r, i] * W[j, i]` for `x`: `[rows, k]` row-major.
-    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        debug_assert_eq!(x.len(), rows * k);
-        let kb = k / QK;
-        let isa = isa();
-        tiled(x, rows, n, k, |a, j, r0, out| {
-            let (wd, wm, wq) = (&self.d[j * kb..(j + 1) * kb], &self.m[j * kb..(j + 1) * kb], &self.qs[j * kb * 16..(j + 1) * kb * 16]);
-            // SAFETY (both): the features were detected; rows r0..r0+out.len() exist in `a`.
-            #[cfg(target_arch = "x86_64")]
-            match isa {
-                Isa::Vnni => return unsafe { dot4_q4_1_vnni(wd, wm, wq, a, r0, kb, out) },
-                Isa::Avx2 => return unsafe { dot4_q4_1_avx2(wd, wm, wq, a, r0, kb, out) },
-                Isa::Scalar => {}
-            }
-            for (i, o) in out.iter_mut().enumerate() {
-                let r = r0 + i;
-                *o = dot_row_scalar(wd, wm, wq, &a.d[r * kb..(r + 1) * kb], &a.s[r * kb..(r + 1) * kb], &a.q[r * k..(r + 1) * k]);
-            }
-        })
+    let mask: __mmask16 = if cols >= NR { 0xFFFF } else { (1u16 << cols) - 1 };
+    for (i, acc) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(out.add(i * ldo), mask, *acc);
     }
 }
 
-/// Activations to Q8 blocks (one f32 scale per 32 values, round to nearest even), with the
-/// scaled block sums the Q4_1 min term needs. Blocks are quantized in parallel chunks,
-/// eight floats per instruction where AVX2 is there.
+/// Stores 16 lanes held as two 8-lane halves into the first `cols` columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store16_avx2(out: *mut f32, lo: std::arch::x86_64::__m256, hi: std::arch::x86_64::__m256, cols: usize) {
+    use std::arch::x86_64::*;
+    if cols >= NR {
+        _mm256_storeu_ps(out, lo);
+        _mm256_storeu_ps(out.add(8), hi);
+    } else {
+        let mut tmp = [0f32; NR];
+        _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
+        _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
+        std::ptr::copy_nonoverlapping(tmp.as_ptr(), out, cols);
+    }
+}
+
+/// Q4_1 tile with AVX2 (`maddubs`: 4-bit weights times i8 cannot saturate i16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_avx2<const R: usize>(wq: &[u8], wd: &[f32], wm: &[f32], aq: &[i8], ad: &[f32], asum: &[f32], kb: usize, out: *mut f32, ldo: usize, cols: usize) {
+    use std::arch::x86_64::*;
+    let k = kb * QK;
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for b in 0..kb {
+        let base = wq.as_ptr().add(b * 256);
+        let mut s = [[_mm256_setzero_si256(); 2]; R];
+        for j in 0..4 {
+            for hh in 0..2 {
+                let raw = _mm256_loadu_si256(base.add(j * 64 + hh * 32) as *const __m256i);
+                let wl = _mm256_and_si256(raw, low);
+                let wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                for (i, s) in s.iter_mut().enumerate() {
+                    let ap = aq.as_ptr().add(i * k + b * QK) as *const i32;
+                    let al = _mm256_set1_epi32(ap.add(j).read_unaligned());
+                    let ah = _mm256_set1_epi32(ap.add(4 + j).read_unaligned());
+                    let p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wl, al), ones), _mm256_madd_epi16(_mm256_maddubs_epi16(wh, ah), ones));
+                    s[hh] = _mm256_add_epi32(s[hh], p);
+                }
+            }
+        }
+        for hh in 0..2 {
+            let d = _mm256_loadu_ps(wd.as_ptr().add(b * NR + hh * 8));
+            let m = _mm256_loadu_ps(wm.as_ptr().add(b * NR + hh * 8));
+            for i in 0..R {
+                let sf = _mm256_cvtepi32_ps(s[i][hh]);
+                acc[i][hh] = _mm256_fmadd_ps(sf, _mm256_mul_ps(d, _mm256_set1_ps(*ad.get_unchecked(i * kb + b))), acc[i][hh]);
+                acc[i][hh] = _mm256_fmadd_ps(m, _mm256_set1_ps(*asum.get_unchecked(i * kb + b)), acc[i][hh]);
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        store16_avx2(out.add(i * ldo), a[0], a[1], cols);
+    }
+}
+
+/// Q8 tile with AVX2: the offset weights back to signed (`xor 0x80`), then `maddubs` on
+/// |w| and sign(w)·a (no i16 saturation: 2·128·127 < 2^15).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_avx2<const HALVES: bool, const R: usize>(wq: &[u8], wd: &[f32], sums: &[i32], aq: &[i8], ad: &[f32], kb: usize, out: *mut f32, ldo: usize, cols: usize) {
+    use std::arch::x86_64::*;
+    let _ = sums;
+    let k = kb * QK;
+    let flip = _mm256_set1_epi8(-128);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for b in 0..kb {
+        let base = wq.as_ptr().add(b * 512);
+        let mut s = [[[_mm256_setzero_si256(); 2]; 2]; R];
+        for g in 0..8 {
+            for hh in 0..2 {
+                let w = _mm256_xor_si256(_mm256_loadu_si256(base.add(g * 64 + hh * 32) as *const __m256i), flip);
+                let aw = _mm256_sign_epi8(w, w);
+                for (i, s) in s.iter_mut().enumerate() {
+                    let ap = aq.as_ptr().add(i * k + b * QK) as *const i32;
+                    let a = _mm256_set1_epi32(ap.add(g).read_unaligned());
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w)), ones);
+                    s[g / 4][hh] = _mm256_add_epi32(s[g / 4][hh], p);
+                }
+            }
+        }
+        for hh in 0..2 {
+            let d0 = _mm256_loadu_ps(wd.as_ptr().add(b * 2 * NR + hh * 8));
+            let d1 = _mm256_loadu_ps(wd.as_ptr().add((b * 2 + 1) * NR + hh * 8));
+            for i in 0..R {
+                let da = _mm256_set1_ps(*ad.get_unchecked(i * kb + b));
+                if HALVES {
+                    acc[i][hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i][0][hh]), _mm256_mul_ps(d0, da), acc[i][hh]);
+                    acc[i][hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i][1][hh]), _mm256_mul_ps(d1, da), acc[i][hh]);
+                } else {
+                    let t = _mm256_add_epi32(s[i][0][hh], s[i][1][hh]);
+                    acc[i][hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(d0, da), acc[i][hh]);
+                }
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        store16_avx2(out.add(i * ldo), a[0], a[1], cols);
+    }
+}
+
+/// Activations to Q8 blocks (one f32 scale per 32 values, round to nearest even), with
+/// the scaled block sums (Q4_1's minimum term) and the integer half-block sums (the Q8
+/// offset correction). Blocks are quantized in parallel chunks, eight floats per
+/// instruction where AVX2 is there.
 fn quantize_rows(x: &[f32], rows: usize, k: usize) -> Q8Rows {
     let nb = rows * (k / QK);
     let mut d = vec![0f32; nb];
     let mut s = vec![0f32; nb];
+    let mut sum16 = vec![0i32; nb * 2];
     let mut q = vec![0i8; rows * k];
     const CH: usize = 64;
     let simd = isa() != Isa::Scalar;
-    let chunk = |c: usize, qc: &mut [i8], dc: &mut [f32], sc: &mut [f32]| {
-        for (i, (db, sb)) in dc.iter_mut().zip(sc.iter_mut()).enumerate() {
+    let chunk = |c: usize, qc: &mut [i8], dc: &mut [f32], sc: &mut [f32], hc: &mut [i32]| {
+        for (i, ((db, sb), hb)) in dc.iter_mut().zip(sc.iter_mut()).zip(hc.chunks_exact_mut(2)).enumerate() {
             let b = c * CH + i;
             let xs = &x[b * QK..(b + 1) * QK];
             let qs = &mut qc[i * QK..(i + 1) * QK];
             #[cfg(target_arch = "x86_64")]
-            let (scale, sum) = if simd {
+            let (scale, lo, hi) = if simd {
                 // SAFETY: isa() checked AVX2 and FMA; xs and qs hold QK values.
                 unsafe { quantize_block_avx2(xs, qs) }
             } else {
                 quantize_block(xs, qs)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let (scale, sum) = {
+            let (scale, lo, hi) = {
                 let _ = simd;
                 quantize_block(xs, qs)
             };
             *db = scale;
-            *sb = scale * sum as f32;
+            *sb = scale * (lo + hi) as f32;
+            hb[0] = lo;
+            hb[1] = hi;
         }
     };
     if nb <= CH {
         // One chunk (decode: a row or two): no task to hand to the pool.
-        chunk(0, &mut q, &mut d, &mut s);
+        chunk(0, &mut q, &mut d, &mut s, &mut sum16);
     } else {
-        q.par_chunks_mut(QK * CH).zip(d.par_chunks_mut(CH)).zip(s.par_chunks_mut(CH)).enumerate().for_each(|(c, ((qc, dc), sc))| chunk(c, qc, dc, sc));
+        q.par_chunks_mut(QK * CH)
+            .zip(d.par_chunks_mut(CH))
+            .zip(s.par_chunks_mut(CH))
+            .zip(sum16.par_chunks_mut(2 * CH))
+            .enumerate()
+            .for_each(|(c, (((qc, dc), sc), hc))| chunk(c, qc, dc, sc, hc));
     }
-    Q8Rows { d, s, q }
+    Q8Rows { d, s, sum16, q }
 }
 
-fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+/// One block: `(scale, Σq of values 0..16, Σq of values 16..32)`.
+fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32, i32) {
     let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = amax / 127.0;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    let mut sum = 0i32;
-    for (o, &v) in q.iter_mut().zip(xs) {
+    let mut sums = [0i32; 2];
+    for (i, (o, &v)) in q.iter_mut().zip(xs).enumerate() {
         let qi = (v * inv).round_ties_even() as i32;
         *o = qi as i8;
-        sum += qi;
+        sums[i / 16] += qi;
     }
-    (scale, sum)
+    (scale, sums[0], sums[1])
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_block_avx2(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+unsafe fn quantize_block_avx2(xs: &[f32], q: &mut [i8]) -> (f32, i32, i32) {
     use std::arch::x86_64::*;
     let p = xs.as_ptr();
     let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
@@ -531,32 +770,21 @@ unsafe fn quantize_block_avx2(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
         let r = _mm256_round_ps(_mm256_mul_ps(*vi, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         *o = _mm256_cvtps_epi32(r);
     }
-    let s = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
-    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
-    let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
-    let sum = _mm_cvtsi128_si32(s1);
+    let hsum = |s: __m256i| {
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+        let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s1)
+    };
+    let lo = hsum(_mm256_add_epi32(iv[0], iv[1]));
+    let hi = hsum(_mm256_add_epi32(iv[2], iv[3]));
     // i32 -> i16 -> i8 packs work per 128-bit lane; one permute restores the order.
     let p16a = _mm256_packs_epi32(iv[0], iv[1]);
     let p16b = _mm256_packs_epi32(iv[2], iv[3]);
     let p8 = _mm256_packs_epi16(p16a, p16b);
     let out = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, out);
-    (scale, sum)
-}
-
-fn dot_row_scalar(wd: &[f32], wm: &[f32], wq: &[u8], ad: &[f32], asum: &[f32], aq: &[i8]) -> f32 {
-    let mut acc = 0f32;
-    for b in 0..wd.len() {
-        let q = &wq[b * 16..b * 16 + 16];
-        let a = &aq[b * QK..(b + 1) * QK];
-        let mut isum = 0i32;
-        for j in 0..16 {
-            isum += (q[j] & 0x0F) as i32 * a[j] as i32 + (q[j] >> 4) as i32 * a[j + 16] as i32;
-        }
-        acc += wd[b] * ad[b] * isum as f32 + wm[b] * asum[b];
-    }
-    acc
+    (scale, lo, hi)
 }
 
 #[cfg(test)]
@@ -585,6 +813,35 @@ mod tests {
         out
     }
 
+    fn ggml_q8_0(w: &[f32], n: usize, k: usize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for r in 0..n {
+            for b in 0..k / QK {
+                let xs = &w[r * k + b * QK..r * k + (b + 1) * QK];
+                let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                bytes.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                bytes.extend(xs.iter().map(|v| (v / d).round() as i8 as u8));
+            }
+        }
+        bytes
+    }
+
+    /// Every kernel this CPU can run, the scalar one included.
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+            }
+            if isa() == Isa::Vnni {
+                v.push(Isa::Vnni);
+            }
+        }
+        v
+    }
+
     #[test]
     fn q4_k_repacked_as_q4_1_is_exact() {
         use candle_core::quantized::{GgmlDType, QTensor};
@@ -608,6 +865,7 @@ mod tests {
         let q = QTensor::quantize(&t, GgmlDType::Q6K).unwrap();
         let want: Vec<f32> = q.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let m = Q8_0Matrix::from_q6_k_bytes(&q.data().unwrap(), n, k).unwrap();
+        assert!(!m.uniform);
         assert_eq!(m.dequantize(), want);
         let x: Vec<f32> = (0..rows * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
         let y = m.matmul(&x, rows);
@@ -616,6 +874,9 @@ mod tests {
                 let exact: f32 = (0..k).map(|i| x[r * k + i] * want[j * k + i]).sum();
                 assert!((y[r * n + j] - exact).abs() < 0.05, "{r},{j}: {} vs {exact}", y[r * n + j]);
             }
+        }
+        for isa in isas() {
+            assert_eq!(m.matmul_isa(&x, rows, isa), y, "{isa:?} differs");
         }
     }
 
@@ -646,71 +907,70 @@ mod tests {
         let a = quantize_rows(&x, rows, k);
         for b in 0..rows * k / QK {
             let mut q = [0i8; QK];
-            let (d, sum) = quantize_block(&x[b * QK..(b + 1) * QK], &mut q);
+            let (d, lo, hi) = quantize_block(&x[b * QK..(b + 1) * QK], &mut q);
             assert_eq!(&a.q[b * QK..(b + 1) * QK], &q[..], "block {b}");
             assert_eq!(a.d[b], d);
-            assert_eq!(a.s[b], d * sum as f32);
+            assert_eq!(a.s[b], d * (lo + hi) as f32);
+            assert_eq!(a.sum16[2 * b], q[..16].iter().map(|&v| v as i32).sum::<i32>());
+            assert_eq!(a.sum16[2 * b + 1], q[16..].iter().map(|&v| v as i32).sum::<i32>());
         }
     }
 
     #[test]
-    fn matmul_matches_dequantized_reference_and_scalar_path() {
-        // k = 320: ten blocks, so the 8-wide loops and their remainders both run.
-        let (n, k, rows) = (37, 320, 5);
+    fn matmul_matches_dequantized_reference_on_every_kernel() {
+        // n = 37: two full panels and a partial one; k = 320: ten blocks; 19 rows: two
+        // full register tiles and a partial one.
+        let (n, k, rows) = (37, 320, 19);
         let mut rng = crate::sampling::Rng::new(3);
         let w: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
         let x: Vec<f32> = (0..rows * k).map(|_| (rng.next_f64() - 0.5) as f32 * 3.0).collect();
-        let m = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&w, n, k), n, k).unwrap();
-        let wd = m.dequantize();
-        let y = m.matmul(&x, rows);
-        let mut worst = 0f32;
-        for r in 0..rows {
-            for j in 0..n {
-                let exact: f32 = (0..k).map(|i| x[r * k + i] * wd[j * k + i]).sum();
-                worst = worst.max((y[r * n + j] - exact).abs());
-            }
-        }
-        // Only the 8-bit activation rounding separates the two.
-        assert!(worst < 0.1, "max error {worst}");
-        // The SIMD kernel this CPU runs and the scalar fallback agree to float rounding.
-        let a = quantize_rows(&x, rows, k);
-        let kb = k / QK;
-        for r in 0..rows {
-            for j in 0..n {
-                let args = (&m.d[j * kb..(j + 1) * kb], &m.m[j * kb..(j + 1) * kb], &m.qs[j * kb * 16..(j + 1) * kb * 16]);
-                let s = dot_row_scalar(args.0, args.1, args.2, &a.d[r * kb..(r + 1) * kb], &a.s[r * kb..(r + 1) * kb], &a.q[r * k..(r + 1) * k]);
-                let v = y[r * n + j];
-                assert!((s - v).abs() <= 1e-4 * s.abs().max(1.0), "{s} vs {v}");
-            }
-        }
         assert!(Q4_1Matrix::from_ggml_bytes(&[0u8; 7], 1, 32).is_none());
-        // Batch invariance: a row's result does not depend on the other rows, bit for bit
-        // (seeded sampling in a continuously batched server relies on it).
-        for r in 0..rows {
-            let alone = m.matmul(&x[r * k..(r + 1) * k], 1);
-            assert_eq!(&y[r * n..(r + 1) * n], &alone[..], "row {r} differs when batched");
-        }
-        // Q8_0: the same check against its dequantized values.
-        let mut bytes = Vec::new();
-        for r in 0..n {
-            for b in 0..k / QK {
-                let xs = &w[r * k + b * QK..r * k + (b + 1) * QK];
-                let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                bytes.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                bytes.extend(xs.iter().map(|v| (v / d).round() as i8 as u8));
+        let q4 = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&w, n, k), n, k).unwrap();
+        let q8 = Q8_0Matrix::from_ggml_bytes(&ggml_q8_0(&w, n, k), n, k).unwrap();
+        assert!(q8.uniform);
+        type Mm<'a> = Box<dyn Fn(&[f32], usize, Isa) -> Vec<f32> + 'a>;
+        let cases: [(&str, Vec<f32>, Mm); 2] = [
+            ("q4_1", q4.dequantize(), Box::new(|x: &[f32], r: usize, i: Isa| q4.matmul_isa(x, r, i))),
+            ("q8_0", q8.dequantize(), Box::new(|x: &[f32], r: usize, i: Isa| q8.matmul_isa(x, r, i))),
+        ];
+        for (name, wd, mm) in &cases {
+            let y = mm(&x, rows, isa());
+            let mut worst = 0f32;
+            for r in 0..rows {
+                for j in 0..n {
+                    let exact: f32 = (0..k).map(|i| x[r * k + i] * wd[j * k + i]).sum();
+                    worst = worst.max((y[r * n + j] - exact).abs());
+                }
+            }
+            // Only the 8-bit activation rounding separates the two.
+            assert!(worst < 0.1, "{name}: max error {worst}");
+            // Every kernel computes the same integer sums and the same fused float
+            // steps, so they agree bit for bit.
+            for isa in isas() {
+                assert_eq!(&mm(&x, rows, isa), &y, "{name}: {isa:?} differs");
+            }
+            // Batch invariance: a row's result does not depend on the other rows, bit
+            // for bit (seeded sampling in a continuously batched server relies on it).
+            for r in 0..rows {
+                let alone = mm(&x[r * k..(r + 1) * k], 1, isa());
+                assert_eq!(&y[r * n..(r + 1) * n], &alone[..], "{name}: row {r} differs when batched");
             }
         }
-        let q8 = Q8_0Matrix::from_ggml_bytes(&bytes, n, k).unwrap();
-        let wd = q8.dequantize();
-        let y = q8.matmul(&x, rows);
-        for r in 0..rows {
-            assert_eq!(&y[r * n..(r + 1) * n], &q8.matmul(&x[r * k..(r + 1) * k], 1)[..], "q8_0 row {r} batched");
-        }
-        for r in 0..rows {
-            for j in 0..n {
-                let exact: f32 = (0..k).map(|i| x[r * k + i] * wd[j * k + i]).sum();
-                assert!((y[r * n + j] - exact).abs() < 0.1, "q8_0 {r},{j}");
+    }
+
+    #[test]
+    fn q4_1_repack_keeps_ggml_values() {
+        let (n, k) = (18, 64);
+        let mut rng = crate::sampling::Rng::new(21);
+        let w: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
+        let bytes = ggml_q4_1(&w, n, k);
+        let m = Q4_1Matrix::from_ggml_bytes(&bytes, n, k).unwrap();
+        let deq = m.dequantize();
+        for (bi, b) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
+            let (d, mn) = (f16::from_le_bytes([b[0], b[1]]).to_f32(), f16::from_le_bytes([b[2], b[3]]).to_f32());
+            for j in 0..16 {
+                assert_eq!(deq[bi * QK + j], d * (b[4 + j] & 0x0F) as f32 + mn);
+                assert_eq!(deq[bi * QK + j + 16], d * (b[4 + j] >> 4) as f32 + mn);
             }
         }
     }
