@@ -384,9 +384,15 @@ impl Gemma3 {
         let l = &self.layers[i];
         let p = &l.params;
         let h = l.input_layernorm.forward(x, diff)?;
-        let q = l.q_proj.forward(&h)?.reshape((n, p.n_heads, p.head_dim))?;
-        let k = l.k_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
-        let v = l.v_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
+        let (q, k, v) = if diff {
+            (l.q_proj.forward(&h)?, l.k_proj.forward(&h)?, l.v_proj.forward(&h)?)
+        } else {
+            let [q, k, v]: [Tensor; 3] = Linear::forward_many(&h, &[&l.q_proj, &l.k_proj, &l.v_proj])?.try_into().map_err(|_| candle_core::Error::Msg("q/k/v projection count".into()))?;
+            (q, k, v)
+        };
+        let q = q.reshape((n, p.n_heads, p.head_dim))?;
+        let k = k.reshape((n, p.n_kv_heads, p.head_dim))?;
+        let v = v.reshape((n, p.n_kv_heads, p.head_dim))?;
         let q = l.q_norm.forward(&q, diff)?;
         let k = l.k_norm.forward(&k, diff)?;
         let (cos, sin) = match (&ctx.local, p.sliding_window.is_some()) {
@@ -402,7 +408,11 @@ impl Gemma3 {
             use crate::kernels::ops;
             let x1 = ops::add(x, &o)?;
             let h = l.pre_feedforward_layernorm.forward(&x1, diff)?;
-            let m = l.down_proj.forward(&ops::gelu_mul(&l.gate_proj.forward(&h)?, &l.up_proj.forward(&h)?)?)?;
+            let gu = match Linear::forward_many(&h, &[&l.gate_proj, &l.up_proj])?.as_slice() {
+                [g, u] => ops::gelu_mul(g, u)?,
+                _ => candle_core::bail!("gate/up projection count"),
+            };
+            let m = l.down_proj.forward(&gu)?;
             return ops::add(&x1, &l.post_feedforward_layernorm.forward(&m, diff)?);
         }
         let x1 = (x + o)?;

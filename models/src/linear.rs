@@ -280,6 +280,55 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `x` through several layers of the same input width at once (q/k/v, gate/up): with
+    /// hromada's quantized CPU kernels and no LoRA, one activation quantization and one
+    /// parallel pass over all their weights (`kernels::q4_1::matmul_many`); otherwise each
+    /// layer's own forward. The results equal the separate forwards bit for bit.
+    pub fn forward_many(x: &Tensor, layers: &[&Linear]) -> Result<Vec<Tensor>> {
+        use crate::kernels::q4_1::{matmul_many, QMat};
+        let fusable = x.device().is_cpu() && x.dtype() == DType::F32 && layers.iter().all(|l| l.lora.is_none() && matches!(l.weight, Weight::Q4_1(_) | Weight::Q8_0(_)));
+        if fusable {
+            let mats: Vec<QMat> = layers
+                .iter()
+                .filter_map(|l| match &l.weight {
+                    Weight::Q4_1(m) => Some(QMat::Q4(m)),
+                    Weight::Q8_0(m) => Some(QMat::Q8(m)),
+                    _ => None,
+                })
+                .collect();
+            let in_dim = layers[0].in_dim;
+            let xc = x.contiguous()?;
+            let rows = xc.elem_count() / in_dim.max(1);
+            let outs = {
+                let (st, l) = xc.storage_and_layout();
+                match (&*st, l.contiguous_offsets()) {
+                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) if x.dim(candle_core::D::Minus1)? == in_dim => matmul_many(&v[a..b], rows, &mats),
+                    _ => None,
+                }
+            };
+            if let Some(outs) = outs {
+                let mut dims = x.dims().to_vec();
+                return layers
+                    .iter()
+                    .zip(outs)
+                    .map(|(l, o)| {
+                        if let Some(d) = dims.last_mut() {
+                            *d = l.out_dim;
+                        }
+                        let y = Tensor::from_vec(o, dims.as_slice(), x.device())?;
+                        match &l.bias {
+                            None => Ok(y),
+                            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                        }
+                    })
+                    .collect();
+            }
+        }
+        layers.iter().map(|l| l.forward(x)).collect()
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.base_forward(x)?;

@@ -196,9 +196,15 @@ impl Llama {
         let h = layer.input_layernorm.forward(x, diff)?;
         let a = &layer.self_attn;
         let p = &a.params;
-        let q = a.q_proj.forward(&h)?.reshape((n, p.n_heads, p.head_dim))?;
-        let k = a.k_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
-        let v = a.v_proj.forward(&h)?.reshape((n, p.n_kv_heads, p.head_dim))?;
+        let (q, k, v) = if diff {
+            (a.q_proj.forward(&h)?, a.k_proj.forward(&h)?, a.v_proj.forward(&h)?)
+        } else {
+            let [q, k, v]: [Tensor; 3] = Linear::forward_many(&h, &[&a.q_proj, &a.k_proj, &a.v_proj])?.try_into().map_err(|_| candle_core::Error::Msg("q/k/v projection count".into()))?;
+            (q, k, v)
+        };
+        let q = q.reshape((n, p.n_heads, p.head_dim))?;
+        let k = k.reshape((n, p.n_kv_heads, p.head_dim))?;
+        let v = v.reshape((n, p.n_kv_heads, p.head_dim))?;
         let q = Rope::apply(&q, cos, sin, diff)?;
         let k = Rope::apply(&k, cos, sin, diff)?;
         let o = cache.attend(i, &q, &k, &v, p)?;
@@ -214,7 +220,10 @@ impl Llama {
         use crate::kernels::ops;
         let x1 = ops::add(x, &a.o_proj.forward(&o)?)?;
         let h = layer.post_attention_layernorm.forward(&x1, diff)?;
-        let gu = ops::silu_mul(&m.gate_proj.forward(&h)?, &m.up_proj.forward(&h)?)?;
+        let gu = match Linear::forward_many(&h, &[&m.gate_proj, &m.up_proj])?.as_slice() {
+            [g, u] => ops::silu_mul(g, u)?,
+            _ => candle_core::bail!("gate/up projection count"),
+        };
         ops::add(&x1, &m.down_proj.forward(&gu)?)
     }
 

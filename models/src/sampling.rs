@@ -212,12 +212,20 @@ impl Sampler {
 
     /// Pick the next token from raw logits (f32, vocabulary-sized).
     pub fn sample(&mut self, raw: &[f32]) -> Sampled {
-        let mut logits = raw.to_vec();
-        self.apply_penalties(&mut logits);
-        let token = if self.params.is_greedy() {
-            argmax(&logits)
+        let p = &self.params;
+        let penalised;
+        let logits = if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            let mut l = raw.to_vec();
+            self.apply_penalties(&mut l);
+            penalised = l;
+            &penalised[..]
         } else {
-            self.draw(&logits)
+            raw
+        };
+        let token = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.draw(logits)
         };
         self.observe(token);
         Sampled {

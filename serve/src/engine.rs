@@ -197,7 +197,9 @@ impl Engine {
         let device = self.model.model.device().clone();
         let input = Tensor::new(ids.as_slice(), &device)?;
         let mut batch = PagedBatch::new(&mut self.kv, seqs);
+        let t0 = std::time::Instant::now();
         let hidden = self.model.model.forward(&input, &mut batch)?;
+        let t1 = std::time::Instant::now();
         let all_rows: Vec<u32> = sample_rows.iter().copied().chain(prompt_rows.iter().map(|r| r.2)).collect();
         let mut logits: Vec<Vec<f32>> = if all_rows.is_empty() {
             vec![]
@@ -205,6 +207,7 @@ impl Engine {
             let rows = hidden.index_select(&Tensor::new(all_rows.as_slice(), &device)?, 0)?;
             self.model.model.logits(&rows)?.to_vec2()?
         };
+        let t2 = std::time::Instant::now();
         let prompt_logits = logits.split_off(sample_rows.len());
         for ((id, p, _), row) in prompt_rows.iter().zip(&prompt_logits) {
             let (Some(st), Some(s)) = (self.states.get_mut(id), self.sched.seqs.get(id)) else { continue };
@@ -218,19 +221,40 @@ impl Engine {
                 });
             }
         }
+        // Sampling (penalties, the draw, log-probs over the vocabulary) for every sampled
+        // row at once, in parallel on the compute pool; the bookkeeping below is serial.
+        let row_of: HashMap<SeqId, usize> = plan.iter().filter(|x| x.samples).map(|x| x.id).zip(0..logits.len()).collect();
+        let mut work: Vec<(SeqId, &mut SeqState, &[f32])> =
+            self.states.iter_mut().filter_map(|(id, st)| row_of.get(id).map(|&r| (*id, st, logits[r].as_slice()))).collect();
+        let sampled: HashMap<SeqId, (hromada_models::sampling::Sampled, Vec<(u32, f32)>)> = hromada_models::kernels::pool().install(|| {
+            use rayon::prelude::*;
+            work.par_iter_mut()
+                .map(|(id, st, row)| {
+                    let s = st.sampler.sample(row);
+                    let top = if st.top_logprobs > 0 { hromada_models::sampling::top_logprobs(row, st.top_logprobs) } else { vec![] };
+                    (*id, (s, top))
+                })
+                .collect()
+        });
+        let t3 = std::time::Instant::now();
+        {
+            use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+            static T: [AtomicU64; 5] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+            T[0].fetch_add((t1 - t0).as_micros() as u64, Relaxed);
+            T[1].fetch_add((t2 - t1).as_micros() as u64, Relaxed);
+            T[2].fetch_add((t3 - t2).as_micros() as u64, Relaxed);
+            T[3].fetch_add(ids.len() as u64, Relaxed);
+            let n = T[4].fetch_add(1, Relaxed) + 1;
+            if n % 200 == 0 { eprintln!("steps {n} fwd {} ms logits {} ms sample {} ms tokens {}", T[0].load(Relaxed)/1000, T[1].load(Relaxed)/1000, T[2].load(Relaxed)/1000, T[3].load(Relaxed)); }
+        }
         let mut out = Vec::new();
-        let mut li = 0;
         for x in &plan {
             self.sched.computed(x, &mut self.blocks);
             if !x.samples {
                 continue;
             }
-            let Some(row) = logits.get(li) else { break };
-            li += 1;
-            let Some(st) = self.states.get_mut(&x.id) else { continue };
-            let s = st.sampler.sample(row);
+            let (Some(st), Some((s, top))) = (self.states.get_mut(&x.id), sampled.get(&x.id)) else { continue };
             st.generated += 1;
-            let top = if st.top_logprobs > 0 { hromada_models::sampling::top_logprobs(row, st.top_logprobs) } else { vec![] };
             let finished = if st.eos.contains(&s.token) {
                 Some(FinishReason::Stop)
             } else if st.generated >= st.max_new {
@@ -239,7 +263,7 @@ impl Engine {
                 None
             };
             let prompt_logprobs = if st.generated == 1 && st.prompt_lp.is_some() { Some(std::mem::take(&mut st.prompt_out)) } else { None };
-            out.push(TokenOut { id: x.id, token: s.token, logprob: s.logprob, top, finished, prompt_logprobs });
+            out.push(TokenOut { id: x.id, token: s.token, logprob: s.logprob, top: top.clone(), finished, prompt_logprobs });
             if finished.is_some() {
                 self.cancel(x.id);
             } else {

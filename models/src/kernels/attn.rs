@@ -51,10 +51,16 @@ impl PagedLayout {
 }
 
 /// The element type of a K/V store.
-pub trait KvElem: Copy + Send + Sync + 'static {
+pub trait KvElem: Copy + Send + Sync + Default + 'static {
     const IS_F16: bool;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// `dst[i] = from_f32(src[i])`, vectorised where the type allows.
+    fn convert_slice(src: &[f32], dst: &mut [Self]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(s);
+        }
+    }
 }
 
 impl KvElem for f32 {
@@ -75,20 +81,30 @@ impl KvElem for f16 {
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
     }
+    fn convert_slice(src: &[f32], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
 }
 
 /// Writes one token's new keys and values (`[n_kv · head_dim]` each) into `slot`.
 pub fn write_kv<E: KvElem>(keys: &mut [E], values: &mut [E], layout: &PagedLayout, slot: usize, k: &[f32], v: &[f32]) {
     let d = layout.head_dim;
     let bs = layout.block_size;
-    for g in 0..layout.n_kv {
+    let row = layout.n_kv * d;
+    // Values: one contiguous row per slot (all K/V heads).
+    let v0 = layout.value_index(slot, 0);
+    E::convert_slice(&v[..row], &mut values[v0..v0 + row]);
+    // Keys: converted once, then scattered into the transposed block layout.
+    let mut kc = [E::default(); 1024];
+    for (g, kg) in k[..row].chunks(d).enumerate() {
         let k0 = layout.key_index(slot, g, 0);
-        for i in 0..d {
-            keys[k0 + i * bs] = E::from_f32(k[g * d + i]);
-        }
-        let vi = layout.value_index(slot, g);
-        for (dst, &src) in values[vi..vi + d].iter_mut().zip(&v[g * d..(g + 1) * d]) {
-            *dst = E::from_f32(src);
+        for (c, chunk) in kg.chunks(kc.len()).enumerate() {
+            let buf = &mut kc[..chunk.len()];
+            E::convert_slice(chunk, buf);
+            for (i, &x) in buf.iter().enumerate() {
+                keys[k0 + (c * 1024 + i) * bs] = x;
+            }
         }
     }
 }
@@ -258,8 +274,16 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
     let scale = _mm512_set1_ps(spec.scale);
     // Scores for every slot of the visible blocks (slots outside first..=last are
     // computed and ignored).
+    let kbytes = d * bs * std::mem::size_of::<E>();
     for blk in b0..=b1 {
         let kb = kp.add(((table[blk] as usize) * layout.n_kv + g) * d * bs);
+        // The next block's keys are elsewhere in memory: start fetching them now.
+        if blk < b1 {
+            let next = kp.add(((table[blk + 1] as usize) * layout.n_kv + g) * d * bs) as *const i8;
+            for off in (0..kbytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(next.add(off));
+            }
+        }
         for c in (0..bs).step_by(16) {
             let mut acc = [[_mm512_setzero_ps(); 2]; G];
             let mut i = 0;
@@ -309,9 +333,19 @@ unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], lay
     let mut acc = [[_mm512_setzero_ps(); CN]; G];
     let bs = layout.block_size;
     let step = layout.n_kv * d;
+    let vbytes = CN * 16 * std::mem::size_of::<E>();
     for blk in first / bs..=last / bs {
         let (j0, j1) = ((blk * bs).max(first), (blk * bs + bs - 1).min(last));
         let mut row = vp.add(layout.value_index(table[blk] as usize * bs + j0 % bs, g) + c0);
+        if blk < last / bs {
+            let mut next = vp.add(layout.value_index(table[blk + 1] as usize * bs, g) + c0) as *const i8;
+            for _ in 0..bs {
+                for off in (0..vbytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(next.add(off));
+                }
+                next = next.add(step * std::mem::size_of::<E>());
+            }
+        }
         for j in j0..=j1 {
             let mut vr = [_mm512_setzero_ps(); CN];
             for (c, v) in vr.iter_mut().enumerate() {

@@ -13,7 +13,7 @@ use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Elements below which an op runs on the calling thread (a decode step's rows).
-const PAR_MIN: usize = 1 << 15;
+const PAR_MIN: usize = 1 << 13;
 
 /// Runs `f(slices...)` over the contiguous f32 CPU data of `ts`, or returns None.
 fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {

@@ -69,7 +69,8 @@ pub struct Q4_1Matrix {
 pub struct Q8_0Matrix {
     pub n: usize,
     pub k: usize,
-    /// `[panels * kb * 2 * 16]`: panel p, block b, half h, column l at `((p·kb + b)·2 + h)·16 + l`.
+    /// Scales, `u` per block (`u` = 1 when `uniform`, else 2, one per half): panel p,
+    /// block b, unit h, column l at `((p·kb + b)·u + h)·16 + l`.
     d: Vec<f32>,
     /// `[panels * kb * 512]`: per panel block, eight 64-byte groups; group g byte `4l + i`
     /// holds column l's value `4g + i` plus 128, as u8.
@@ -275,7 +276,17 @@ impl Q8_0Matrix {
                 }
             }
         }
-        Self { n, k, d: panel_scales(n, 2 * kb, |c, u| d16[c * 2 * kb + u]), qs, uniform }
+        let d = if uniform { panel_scales(n, kb, |c, b| d16[c * 2 * kb + 2 * b]) } else { panel_scales(n, 2 * kb, |c, u| d16[c * 2 * kb + u]) };
+        Self { n, k, d, qs, uniform }
+    }
+
+    /// Scale units per block: 1 (one scale per 32 values) or 2 (per 16).
+    fn units(&self) -> usize {
+        if self.uniform {
+            1
+        } else {
+            2
+        }
     }
 
     pub fn from_ggml_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
@@ -367,7 +378,8 @@ impl Q8_0Matrix {
                 let o = &mut out[col * self.k + b * QK..col * self.k + (b + 1) * QK];
                 for v in 0..QK {
                     let q = (blk[(v / 4) * 64 + 4 * l + v % 4] ^ 0x80) as i8;
-                    o[v] = self.d[(pb * 2 + v / 16) * NR + l] * q as f32;
+                    let u = self.units();
+                    o[v] = self.d[(pb * u + (v / 16) * (u - 1)) * NR + l] * q as f32;
                 }
             }
         }
@@ -387,7 +399,8 @@ impl Q8_0Matrix {
     #[allow(clippy::too_many_arguments)]
     fn tile(&self, isa: Isa, p: usize, r0: usize, rt: usize, a: &Q8Rows, out: *mut f32, ldo: usize, cols: usize) {
         let kb = self.k / QK;
-        let (wq, wd) = (&self.qs[p * kb * 512..(p + 1) * kb * 512], &self.d[p * kb * 2 * NR..(p + 1) * kb * 2 * NR]);
+        let u = self.units();
+        let (wq, wd) = (&self.qs[p * kb * 512..(p + 1) * kb * 512], &self.d[p * kb * u * NR..(p + 1) * kb * u * NR]);
         let k = self.k;
         let (aq, ad, sums) = (&a.q[r0 * k..(r0 + rt) * k], &a.d[r0 * kb..(r0 + rt) * kb], &a.sum16[r0 * 2 * kb..(r0 + rt) * 2 * kb]);
         #[cfg(target_arch = "x86_64")]
@@ -408,7 +421,7 @@ impl Q8_0Matrix {
                     let half = |h: usize| -> i32 { (h * 16..h * 16 + 16).map(|v| ((blk[(v / 4) * 64 + 4 * l + v % 4] ^ 0x80) as i8) as i32 * av[v] as i32).sum() };
                     let da = ad[i * kb + b];
                     if self.uniform {
-                        acc = ((half(0) + half(1)) as f32).mul_add(wd[b * 2 * NR + l] * da, acc);
+                        acc = ((half(0) + half(1)) as f32).mul_add(wd[b * NR + l] * da, acc);
                     } else {
                         acc = (half(0) as f32).mul_add(wd[b * 2 * NR + l] * da, acc);
                         acc = (half(1) as f32).mul_add(wd[(b * 2 + 1) * NR + l] * da, acc);
@@ -422,6 +435,67 @@ impl Q8_0Matrix {
 }
 
 
+/// A reference to either matrix kind, for [`matmul_many`].
+#[derive(Debug, Clone, Copy)]
+pub enum QMat<'a> {
+    Q4(&'a Q4_1Matrix),
+    Q8(&'a Q8_0Matrix),
+}
+
+impl QMat<'_> {
+    fn n(&self) -> usize {
+        match self {
+            QMat::Q4(m) => m.n,
+            QMat::Q8(m) => m.n,
+        }
+    }
+    fn k(&self) -> usize {
+        match self {
+            QMat::Q4(m) => m.k,
+            QMat::Q8(m) => m.k,
+        }
+    }
+}
+
+/// `x · W_iᵀ` for several matrices of the same input width (a layer's q, k and v
+/// projections; its gate and up projections): the activations are quantized once and
+/// every matrix's panels go to the pool as one parallel pass. Each result is bit for bit
+/// what `matmul` on that matrix returns. None if the widths differ.
+pub fn matmul_many(x: &[f32], rows: usize, mats: &[QMat]) -> Option<Vec<Vec<f32>>> {
+    let k = mats.first()?.k();
+    if mats.iter().any(|m| m.k() != k) || x.len() != rows * k {
+        return None;
+    }
+    let isa = isa();
+    let a = quantize_rows(x, rows, k);
+    let mut outs: Vec<Uninit> = mats.iter().map(|m| Uninit::new(rows * m.n())).collect();
+    if rows == 0 {
+        return Some(outs.into_iter().map(Uninit::finish).collect());
+    }
+    // Global panel index -> (matrix, local panel).
+    let mut starts = Vec::with_capacity(mats.len() + 1);
+    let mut total = 0;
+    for m in mats {
+        starts.push(total);
+        total += m.n().div_ceil(NR);
+    }
+    starts.push(total);
+    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| o.ptr()).collect();
+    run_panels(total, rows, |gp, r0, rt| {
+        let i = starts.partition_point(|&s| s <= gp) - 1;
+        let (m, p) = (mats[i], gp - starts[i]);
+        let n = m.n();
+        let col0 = p * NR;
+        // SAFETY: row r0, column col0 is inside output i (rows x n).
+        let out = unsafe { ptrs[i].get().add(r0 * n + col0) };
+        match m {
+            QMat::Q4(m) => m.tile(isa, p, r0, rt, &a, out, n, (n - col0).min(NR)),
+            QMat::Q8(m) => m.tile(isa, p, r0, rt, &a, out, n, (n - col0).min(NR)),
+        }
+    });
+    Some(outs.into_iter().map(Uninit::finish).collect())
+}
+
 /// A raw output pointer handed to the tasks; each writes only its own panels' columns.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -429,30 +503,66 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The driver: panels split across the compute pool; each task runs its panels over all
 /// rows in tiles of `MR`, the panel's weights staying in L1 while the quantized
 /// activations stream from L2. `tile(panel, r0, rt, out, ldo, cols)`.
 fn gemm(rows: usize, n: usize, tile: impl Fn(usize, usize, usize, *mut f32, usize, usize) + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; rows * n];
+    let mut out = Uninit::new(rows * n);
     if rows == 0 || n == 0 {
-        return out;
+        return out.finish();
     }
-    let panels = n.div_ceil(NR);
+    let ptr = out.ptr();
+    run_panels(n.div_ceil(NR), rows, |p, r0, rt| {
+        let col0 = p * NR;
+        // SAFETY: row r0 column col0 is inside `out` (rows x n).
+        tile(p, r0, rt, unsafe { ptr.get().add(r0 * n + col0) }, n, (n - col0).min(NR));
+    });
+    out.finish()
+}
+
+/// An output buffer the kernels overwrite completely (every panel's tiles store all their
+/// rows and valid columns, and the panels cover all columns), so it is not zeroed first.
+struct Uninit(Vec<std::mem::MaybeUninit<f32>>);
+
+impl Uninit {
+    fn new(len: usize) -> Self {
+        let mut v = Vec::with_capacity(len);
+        v.resize_with(len, std::mem::MaybeUninit::uninit);
+        Self(v)
+    }
+    fn ptr(&mut self) -> OutPtr {
+        OutPtr(self.0.as_mut_ptr() as *mut f32)
+    }
+    /// The buffer as f32, once every element has been written.
+    fn finish(self) -> Vec<f32> {
+        let mut v = std::mem::ManuallyDrop::new(self.0);
+        let (p, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
+        // SAFETY: MaybeUninit<f32> and f32 have the same layout; the callers wrote every
+        // element (or len is 0).
+        unsafe { Vec::from_raw_parts(p as *mut f32, len, cap) }
+    }
+}
+
+/// Runs `f(panel, r0, rt)` for every panel and row tile: panels split across the pool in
+/// contiguous ranges, each task taking its panels over all rows in tiles of `MR`.
+fn run_panels(panels: usize, rows: usize, f: impl Fn(usize, usize, usize) + Sync) {
     let threads = rayon::current_num_threads().max(1);
-    // Enough tasks to balance two threads; few enough that a decode step's small matmuls
+    // Enough tasks to balance the threads; few enough that a decode step's small matmuls
     // are not drowned in task overhead.
     let per_task = panels.div_ceil(threads * 4).max(1);
-    let ptr = OutPtr(out.as_mut_ptr());
     let run = |t: usize| {
-        let ptr = ptr;
         for p in t * per_task..((t + 1) * per_task).min(panels) {
-            let col0 = p * NR;
-            let cols = (n - col0).min(NR);
             let mut r0 = 0;
             while r0 < rows {
                 let rt = (rows - r0).min(MR);
-                // SAFETY: row r0 column col0 is inside `out` (rows x n).
-                tile(p, r0, rt, unsafe { ptr.0.add(r0 * n + col0) }, n, cols);
+                f(p, r0, rt);
                 r0 += rt;
             }
         }
@@ -463,7 +573,6 @@ fn gemm(rows: usize, n: usize, tile: impl Fn(usize, usize, usize, *mut f32, usiz
     } else {
         (0..tasks).into_par_iter().for_each(run);
     }
-    out
 }
 
 /// The instruction set the kernels use, detected once per process.
@@ -549,8 +658,12 @@ unsafe fn q8_vnni<const HALVES: bool, const R: usize>(wq: &[u8], wd: &[f32], sum
         for (g, w) in w.iter_mut().enumerate() {
             *w = _mm512_loadu_si512(base.add(g * 64) as *const _);
         }
-        let d0 = _mm512_loadu_ps(wd.as_ptr().add(b * 2 * NR));
-        let d1 = _mm512_loadu_ps(wd.as_ptr().add((b * 2 + 1) * NR));
+        let (d0, d1) = if HALVES {
+            (_mm512_loadu_ps(wd.as_ptr().add(b * 2 * NR)), _mm512_loadu_ps(wd.as_ptr().add((b * 2 + 1) * NR)))
+        } else {
+            let d = _mm512_loadu_ps(wd.as_ptr().add(b * NR));
+            (d, d)
+        };
         for (i, acc) in acc.iter_mut().enumerate() {
             let ap = aq.as_ptr().add(i * k + b * QK) as *const i32;
             let half = |h: usize| {
@@ -666,8 +779,12 @@ unsafe fn q8_avx2<const HALVES: bool, const R: usize>(wq: &[u8], wd: &[f32], sum
             }
         }
         for hh in 0..2 {
-            let d0 = _mm256_loadu_ps(wd.as_ptr().add(b * 2 * NR + hh * 8));
-            let d1 = _mm256_loadu_ps(wd.as_ptr().add((b * 2 + 1) * NR + hh * 8));
+            let (d0, d1) = if HALVES {
+                (_mm256_loadu_ps(wd.as_ptr().add(b * 2 * NR + hh * 8)), _mm256_loadu_ps(wd.as_ptr().add((b * 2 + 1) * NR + hh * 8)))
+            } else {
+                let d = _mm256_loadu_ps(wd.as_ptr().add(b * NR + hh * 8));
+                (d, d)
+            };
             for i in 0..R {
                 let da = _mm256_set1_ps(*ad.get_unchecked(i * kb + b));
                 if HALVES {
@@ -956,6 +1073,24 @@ mod tests {
                 assert_eq!(&y[r * n..(r + 1) * n], &alone[..], "{name}: row {r} differs when batched");
             }
         }
+    }
+
+    #[test]
+    fn matmul_many_equals_separate_matmuls() {
+        let (k, rows) = (96, 11);
+        let mut rng = crate::sampling::Rng::new(8);
+        let mut mk = |n: usize| -> Vec<f32> { (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32).collect() };
+        let (wa, wb, wc, wo) = (mk(48), mk(16), mk(21), mk(16));
+        let a = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&wa, 48, k), 48, k).unwrap();
+        let b = Q8_0Matrix::from_ggml_bytes(&ggml_q8_0(&wb, 16, k), 16, k).unwrap();
+        let c = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&wc, 21, k), 21, k).unwrap();
+        let x: Vec<f32> = (0..rows * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
+        let outs = matmul_many(&x, rows, &[QMat::Q4(&a), QMat::Q8(&b), QMat::Q4(&c)]).unwrap();
+        assert_eq!(outs[0], a.matmul(&x, rows));
+        assert_eq!(outs[1], b.matmul(&x, rows));
+        assert_eq!(outs[2], c.matmul(&x, rows));
+        let other = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&wo[..16 * 64], 16, 64), 16, 64).unwrap();
+        assert!(matmul_many(&x, rows, &[QMat::Q4(&a), QMat::Q4(&other)]).is_none(), "different widths");
     }
 
     #[test]
