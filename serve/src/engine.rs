@@ -197,9 +197,7 @@ impl Engine {
         let device = self.model.model.device().clone();
         let input = Tensor::new(ids.as_slice(), &device)?;
         let mut batch = PagedBatch::new(&mut self.kv, seqs);
-        let t0 = std::time::Instant::now();
         let hidden = self.model.model.forward(&input, &mut batch)?;
-        let t1 = std::time::Instant::now();
         let all_rows: Vec<u32> = sample_rows.iter().copied().chain(prompt_rows.iter().map(|r| r.2)).collect();
         let mut logits: Vec<Vec<f32>> = if all_rows.is_empty() {
             vec![]
@@ -207,7 +205,6 @@ impl Engine {
             let rows = hidden.index_select(&Tensor::new(all_rows.as_slice(), &device)?, 0)?;
             self.model.model.logits(&rows)?.to_vec2()?
         };
-        let t2 = std::time::Instant::now();
         let prompt_logits = logits.split_off(sample_rows.len());
         for ((id, p, _), row) in prompt_rows.iter().zip(&prompt_logits) {
             let (Some(st), Some(s)) = (self.states.get_mut(id), self.sched.seqs.get(id)) else { continue };
@@ -236,17 +233,6 @@ impl Engine {
                 })
                 .collect()
         });
-        let t3 = std::time::Instant::now();
-        {
-            use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-            static T: [AtomicU64; 5] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
-            T[0].fetch_add((t1 - t0).as_micros() as u64, Relaxed);
-            T[1].fetch_add((t2 - t1).as_micros() as u64, Relaxed);
-            T[2].fetch_add((t3 - t2).as_micros() as u64, Relaxed);
-            T[3].fetch_add(ids.len() as u64, Relaxed);
-            let n = T[4].fetch_add(1, Relaxed) + 1;
-            if n % 200 == 0 { eprintln!("steps {n} fwd {} ms logits {} ms sample {} ms tokens {}", T[0].load(Relaxed)/1000, T[1].load(Relaxed)/1000, T[2].load(Relaxed)/1000, T[3].load(Relaxed)); }
-        }
         let mut out = Vec::new();
         for x in &plan {
             self.sched.computed(x, &mut self.blocks);
