@@ -197,7 +197,9 @@ impl Engine {
         let device = self.model.model.device().clone();
         let input = Tensor::new(ids.as_slice(), &device)?;
         let mut batch = PagedBatch::new(&mut self.kv, seqs);
+        let t0 = std::time::Instant::now();
         let hidden = self.model.model.forward(&input, &mut batch)?;
+        let tf = t0.elapsed().as_micros();
         let all_rows: Vec<u32> = sample_rows.iter().copied().chain(prompt_rows.iter().map(|r| r.2)).collect();
         let mut logits: Vec<Vec<f32>> = if all_rows.is_empty() {
             vec![]
@@ -205,6 +207,7 @@ impl Engine {
             let rows = hidden.index_select(&Tensor::new(all_rows.as_slice(), &device)?, 0)?;
             self.model.model.logits(&rows)?.to_vec2()?
         };
+        let tl = t0.elapsed().as_micros();
         let prompt_logits = logits.split_off(sample_rows.len());
         for ((id, p, _), row) in prompt_rows.iter().zip(&prompt_logits) {
             let (Some(st), Some(s)) = (self.states.get_mut(id), self.sched.seqs.get(id)) else { continue };
@@ -233,6 +236,7 @@ impl Engine {
                 })
                 .collect()
         });
+        if std::env::var("HROMADA_STEPLOG").is_ok() { eprintln!("STEP tokens {} samples {} fwd_us {} logits_us {} total_us {}", ids.len(), sample_rows.len(), tf, tl, t0.elapsed().as_micros()); }
         let mut out = Vec::new();
         for x in &plan {
             self.sched.computed(x, &mut self.blocks);

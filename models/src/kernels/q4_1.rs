@@ -30,11 +30,19 @@ use rayon::prelude::*;
 pub const QK: usize = 32;
 /// Output columns per panel (one 512-bit register of i32/f32 lanes).
 const NR: usize = 16;
-/// Activation rows per register tile.
-const MR: usize = 8;
+/// Activation rows per register tile: 16 with AVX-512 (32 vector registers: 16
+/// accumulators, 8 unpacked weight vectors, temporaries), so a decode step of 16
+/// sequences streams each weight panel once; 8 otherwise.
+fn mr(isa: Isa) -> usize {
+    if isa == Isa::Vnni {
+        16
+    } else {
+        8
+    }
+}
 const BLOCK_BYTES: usize = 20;
 
-/// Calls `$f::<R>` for the tile height `$rt` (1..=MR), so each height has its own fully
+/// Calls `$f::<R>` for the tile height `$rt` (1..=16), so each height has its own fully
 /// unrolled register tile.
 macro_rules! dispatch_rows {
     ($rt:expr, $f:ident $(::<$c:tt>)?, $($arg:expr),*) => {
@@ -46,7 +54,15 @@ macro_rules! dispatch_rows {
             5 => $f::<$($c,)? 5>($($arg),*),
             6 => $f::<$($c,)? 6>($($arg),*),
             7 => $f::<$($c,)? 7>($($arg),*),
-            _ => $f::<$($c,)? 8>($($arg),*),
+            8 => $f::<$($c,)? 8>($($arg),*),
+            9 => $f::<$($c,)? 9>($($arg),*),
+            10 => $f::<$($c,)? 10>($($arg),*),
+            11 => $f::<$($c,)? 11>($($arg),*),
+            12 => $f::<$($c,)? 12>($($arg),*),
+            13 => $f::<$($c,)? 13>($($arg),*),
+            14 => $f::<$($c,)? 14>($($arg),*),
+            15 => $f::<$($c,)? 15>($($arg),*),
+            _ => $f::<$($c,)? 16>($($arg),*),
         }
     };
 }
@@ -79,12 +95,13 @@ pub struct Q8_0Matrix {
     uniform: bool,
 }
 
-/// Activations quantized per 32-block: `x ≈ d·q`; `s = d·Σq` (the Q4_1 minimum term)
-/// and the integer sums of each 16-value half (the Q8 offset correction).
+/// Activations quantized per 32-block: `x ≈ d·q`; `s = d·Σq` (the Q4_1 minimum term);
+/// and per block the Q8 offset corrections `−128·Σq` over values 0..16, 16..32 and all
+/// 32 (the starting values of the VNNI kernel's integer sums over u8 = w + 128 weights).
 struct Q8Rows {
     d: Vec<f32>,
     s: Vec<f32>,
-    sum16: Vec<i32>,
+    corr: Vec<i32>,
     q: Vec<i8>,
 }
 
@@ -216,10 +233,10 @@ impl Q4_1Matrix {
 
     fn matmul_isa(&self, x: &[f32], rows: usize, isa: Isa) -> Vec<f32> {
         let a = quantize_rows(x, rows, self.k);
-        gemm(rows, self.n, |p, r0, rt, out, ldo, cols| self.tile(isa, p, r0, rt, &a, out, ldo, cols))
+        gemm(rows, self.n, mr(isa), |p, r0, rt, out, ldo, cols| self.tile(isa, p, r0, rt, &a, out, ldo, cols))
     }
 
-    /// Rows `r0..r0 + rt` (rt <= MR) times panel `p`, into `out` (row stride `ldo`),
+    /// Rows `r0..r0 + rt` (rt <= 16) times panel `p`, into `out` (row stride `ldo`),
     /// writing the first `cols` columns of the panel.
     #[allow(clippy::too_many_arguments)]
     fn tile(&self, isa: Isa, p: usize, r0: usize, rt: usize, a: &Q8Rows, out: *mut f32, ldo: usize, cols: usize) {
@@ -393,7 +410,7 @@ impl Q8_0Matrix {
 
     fn matmul_isa(&self, x: &[f32], rows: usize, isa: Isa) -> Vec<f32> {
         let a = quantize_rows(x, rows, self.k);
-        gemm(rows, self.n, |p, r0, rt, out, ldo, cols| self.tile(isa, p, r0, rt, &a, out, ldo, cols))
+        gemm(rows, self.n, mr(isa), |p, r0, rt, out, ldo, cols| self.tile(isa, p, r0, rt, &a, out, ldo, cols))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -402,7 +419,7 @@ impl Q8_0Matrix {
         let u = self.units();
         let (wq, wd) = (&self.qs[p * kb * 512..(p + 1) * kb * 512], &self.d[p * kb * u * NR..(p + 1) * kb * u * NR]);
         let k = self.k;
-        let (aq, ad, sums) = (&a.q[r0 * k..(r0 + rt) * k], &a.d[r0 * kb..(r0 + rt) * kb], &a.sum16[r0 * 2 * kb..(r0 + rt) * 2 * kb]);
+        let (aq, ad, sums) = (&a.q[r0 * k..(r0 + rt) * k], &a.d[r0 * kb..(r0 + rt) * kb], &a.corr[r0 * 3 * kb..(r0 + rt) * 3 * kb]);
         #[cfg(target_arch = "x86_64")]
         match (isa, self.uniform) {
             // SAFETY: as in Q4_1Matrix::tile.
@@ -481,7 +498,7 @@ pub fn matmul_many(x: &[f32], rows: usize, mats: &[QMat]) -> Option<Vec<Vec<f32>
     }
     starts.push(total);
     let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| o.ptr()).collect();
-    run_panels(total, rows, |gp, r0, rt| {
+    run_panels(total, rows, mr(isa), |gp, r0, rt| {
         let i = starts.partition_point(|&s| s <= gp) - 1;
         let (m, p) = (mats[i], gp - starts[i]);
         let n = m.n();
@@ -511,15 +528,15 @@ impl OutPtr {
 }
 
 /// The driver: panels split across the compute pool; each task runs its panels over all
-/// rows in tiles of `MR`, the panel's weights staying in L1 while the quantized
+/// rows in register tiles, the panel's weights staying in L1 while the quantized
 /// activations stream from L2. `tile(panel, r0, rt, out, ldo, cols)`.
-fn gemm(rows: usize, n: usize, tile: impl Fn(usize, usize, usize, *mut f32, usize, usize) + Sync) -> Vec<f32> {
+fn gemm(rows: usize, n: usize, mr: usize, tile: impl Fn(usize, usize, usize, *mut f32, usize, usize) + Sync) -> Vec<f32> {
     let mut out = Uninit::new(rows * n);
     if rows == 0 || n == 0 {
         return out.finish();
     }
     let ptr = out.ptr();
-    run_panels(n.div_ceil(NR), rows, |p, r0, rt| {
+    run_panels(n.div_ceil(NR), rows, mr, |p, r0, rt| {
         let col0 = p * NR;
         // SAFETY: row r0 column col0 is inside `out` (rows x n).
         tile(p, r0, rt, unsafe { ptr.get().add(r0 * n + col0) }, n, (n - col0).min(NR));
@@ -551,8 +568,8 @@ impl Uninit {
 }
 
 /// Runs `f(panel, r0, rt)` for every panel and row tile: panels split across the pool in
-/// contiguous ranges, each task taking its panels over all rows in tiles of `MR`.
-fn run_panels(panels: usize, rows: usize, f: impl Fn(usize, usize, usize) + Sync) {
+/// contiguous ranges, each task taking its panels over all rows in tiles of `mr`.
+fn run_panels(panels: usize, rows: usize, mr: usize, f: impl Fn(usize, usize, usize) + Sync) {
     let threads = rayon::current_num_threads().max(1);
     // Enough tasks to balance the threads; few enough that a decode step's small matmuls
     // are not drowned in task overhead.
@@ -561,7 +578,7 @@ fn run_panels(panels: usize, rows: usize, f: impl Fn(usize, usize, usize) + Sync
         for p in t * per_task..((t + 1) * per_task).min(panels) {
             let mut r0 = 0;
             while r0 < rows {
-                let rt = (rows - r0).min(MR);
+                let rt = (rows - r0).min(mr);
                 f(p, r0, rt);
                 r0 += rt;
             }
@@ -616,6 +633,11 @@ unsafe fn q4_vnni<const R: usize>(wq: &[u8], wd: &[f32], wm: &[f32], aq: &[i8], 
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..kb {
         let base = wq.as_ptr().add(b * 256);
+        for l in 0..4 {
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(512 + l * 64) as *const i8);
+        }
+        _mm_prefetch::<_MM_HINT_T0>(wd.as_ptr().wrapping_add((b + 2) * NR) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(wm.as_ptr().wrapping_add((b + 2) * NR) as *const i8);
         let mut w = [_mm512_setzero_si512(); 8];
         for j in 0..4 {
             let raw = _mm512_loadu_si512(base.add(j * 64) as *const _);
@@ -654,6 +676,12 @@ unsafe fn q8_vnni<const HALVES: bool, const R: usize>(wq: &[u8], wd: &[f32], sum
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..kb {
         let base = wq.as_ptr().add(b * 512);
+        // Weights stream from memory once per panel: ask for two blocks ahead (past the
+        // panel's end this reads the next panel, which the same task takes next).
+        for l in 0..8 {
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(1024 + l * 64) as *const i8);
+        }
+        _mm_prefetch::<_MM_HINT_T0>(wd.as_ptr().wrapping_add((b + 2) * NR * if HALVES { 2 } else { 1 }) as *const i8);
         let mut w = [_mm512_setzero_si512(); 8];
         for (g, w) in w.iter_mut().enumerate() {
             *w = _mm512_loadu_si512(base.add(g * 64) as *const _);
@@ -666,24 +694,29 @@ unsafe fn q8_vnni<const HALVES: bool, const R: usize>(wq: &[u8], wd: &[f32], sum
         };
         for (i, acc) in acc.iter_mut().enumerate() {
             let ap = aq.as_ptr().add(i * k + b * QK) as *const i32;
-            let half = |h: usize| {
-                let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4 * h], _mm512_set1_epi32(ap.add(4 * h).read_unaligned()));
-                let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4 * h + 1], _mm512_set1_epi32(ap.add(4 * h + 1).read_unaligned()));
-                s0 = _mm512_dpbusd_epi32(s0, w[4 * h + 2], _mm512_set1_epi32(ap.add(4 * h + 2).read_unaligned()));
-                s1 = _mm512_dpbusd_epi32(s1, w[4 * h + 3], _mm512_set1_epi32(ap.add(4 * h + 3).read_unaligned()));
-                _mm512_add_epi32(s0, s1)
-            };
+            let a = |g: usize| _mm512_set1_epi32(ap.add(g).read_unaligned());
+            // Σ(w+128)·a − 128·Σa, exactly: the integer sums start at the correction.
+            let c = sums.as_ptr().add((i * kb + b) * 3);
             let da = _mm512_set1_ps(*ad.get_unchecked(i * kb + b));
-            let (sa, sb) = (*sums.get_unchecked(i * 2 * kb + 2 * b), *sums.get_unchecked(i * 2 * kb + 2 * b + 1));
             if HALVES {
-                // Σ(w+128)·a − 128·Σa, exactly, per half.
-                let h0 = _mm512_sub_epi32(half(0), _mm512_set1_epi32(sa << 7));
-                let h1 = _mm512_sub_epi32(half(1), _mm512_set1_epi32(sb << 7));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h0), _mm512_mul_ps(d0, da), *acc);
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h1), _mm512_mul_ps(d1, da), *acc);
+                let mut h = [_mm512_setzero_si512(); 2];
+                for (hh, h) in h.iter_mut().enumerate() {
+                    let mut s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(*c.add(hh)), w[4 * hh], a(4 * hh));
+                    let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4 * hh + 1], a(4 * hh + 1));
+                    s0 = _mm512_dpbusd_epi32(s0, w[4 * hh + 2], a(4 * hh + 2));
+                    s1 = _mm512_dpbusd_epi32(s1, w[4 * hh + 3], a(4 * hh + 3));
+                    *h = _mm512_add_epi32(s0, s1);
+                }
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h[0]), _mm512_mul_ps(d0, da), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h[1]), _mm512_mul_ps(d1, da), *acc);
             } else {
-                let s = _mm512_sub_epi32(_mm512_add_epi32(half(0), half(1)), _mm512_set1_epi32((sa + sb) << 7));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d0, da), *acc);
+                let mut s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(*c.add(2)), w[0], a(0));
+                let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], a(1));
+                for g in (2..8).step_by(2) {
+                    s0 = _mm512_dpbusd_epi32(s0, w[g], a(g));
+                    s1 = _mm512_dpbusd_epi32(s1, w[g + 1], a(g + 1));
+                }
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(d0, da), *acc);
             }
         }
     }
@@ -810,12 +843,12 @@ fn quantize_rows(x: &[f32], rows: usize, k: usize) -> Q8Rows {
     let nb = rows * (k / QK);
     let mut d = vec![0f32; nb];
     let mut s = vec![0f32; nb];
-    let mut sum16 = vec![0i32; nb * 2];
+    let mut corr = vec![0i32; nb * 3];
     let mut q = vec![0i8; rows * k];
     const CH: usize = 64;
     let simd = isa() != Isa::Scalar;
     let chunk = |c: usize, qc: &mut [i8], dc: &mut [f32], sc: &mut [f32], hc: &mut [i32]| {
-        for (i, ((db, sb), hb)) in dc.iter_mut().zip(sc.iter_mut()).zip(hc.chunks_exact_mut(2)).enumerate() {
+        for (i, ((db, sb), hb)) in dc.iter_mut().zip(sc.iter_mut()).zip(hc.chunks_exact_mut(3)).enumerate() {
             let b = c * CH + i;
             let xs = &x[b * QK..(b + 1) * QK];
             let qs = &mut qc[i * QK..(i + 1) * QK];
@@ -833,22 +866,23 @@ fn quantize_rows(x: &[f32], rows: usize, k: usize) -> Q8Rows {
             };
             *db = scale;
             *sb = scale * (lo + hi) as f32;
-            hb[0] = lo;
-            hb[1] = hi;
+            hb[0] = -128 * lo;
+            hb[1] = -128 * hi;
+            hb[2] = -128 * (lo + hi);
         }
     };
     if nb <= CH {
         // One chunk (decode: a row or two): no task to hand to the pool.
-        chunk(0, &mut q, &mut d, &mut s, &mut sum16);
+        chunk(0, &mut q, &mut d, &mut s, &mut corr);
     } else {
         q.par_chunks_mut(QK * CH)
             .zip(d.par_chunks_mut(CH))
             .zip(s.par_chunks_mut(CH))
-            .zip(sum16.par_chunks_mut(2 * CH))
+            .zip(corr.par_chunks_mut(3 * CH))
             .enumerate()
             .for_each(|(c, (((qc, dc), sc), hc))| chunk(c, qc, dc, sc, hc));
     }
-    Q8Rows { d, s, sum16, q }
+    Q8Rows { d, s, corr, q }
 }
 
 /// One block: `(scale, Σq of values 0..16, Σq of values 16..32)`.
@@ -1028,8 +1062,8 @@ mod tests {
             assert_eq!(&a.q[b * QK..(b + 1) * QK], &q[..], "block {b}");
             assert_eq!(a.d[b], d);
             assert_eq!(a.s[b], d * (lo + hi) as f32);
-            assert_eq!(a.sum16[2 * b], q[..16].iter().map(|&v| v as i32).sum::<i32>());
-            assert_eq!(a.sum16[2 * b + 1], q[16..].iter().map(|&v| v as i32).sum::<i32>());
+            let (slo, shi) = (q[..16].iter().map(|&v| v as i32).sum::<i32>(), q[16..].iter().map(|&v| v as i32).sum::<i32>());
+            assert_eq!(&a.corr[3 * b..3 * b + 3], &[-128 * slo, -128 * shi, -128 * (slo + shi)]);
         }
     }
 
@@ -1110,3 +1144,6 @@ mod tests {
         }
     }
 }
+
+
+
