@@ -236,7 +236,8 @@ impl Engine {
                 })
                 .collect()
         });
-        if std::env::var("HROMADA_STEPLOG").is_ok() { eprintln!("STEP tokens {} samples {} fwd_us {} logits_us {} total_us {}", ids.len(), sample_rows.len(), tf, tl, t0.elapsed().as_micros()); }
+        // Per-step timing for profiling (RUST_LOG=hromada_serve::engine=debug).
+        tracing::debug!(tokens = ids.len(), samples = sample_rows.len(), forward_us = tf as u64, logits_us = (tl - tf) as u64, total_us = t0.elapsed().as_micros() as u64, "step");
         let mut out = Vec::new();
         for x in &plan {
             self.sched.computed(x, &mut self.blocks);

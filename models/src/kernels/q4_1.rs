@@ -41,6 +41,9 @@ fn mr(isa: Isa) -> usize {
     }
 }
 const BLOCK_BYTES: usize = 20;
+/// How many blocks ahead the AVX-512 kernels prefetch weights (about a DRAM latency of
+/// work at decode batch sizes).
+const PF_BLOCKS: usize = 4;
 
 /// Calls `$f::<R>` for the tile height `$rt` (1..=16), so each height has its own fully
 /// unrolled register tile.
@@ -634,10 +637,10 @@ unsafe fn q4_vnni<const R: usize>(wq: &[u8], wd: &[f32], wm: &[f32], aq: &[i8], 
     for b in 0..kb {
         let base = wq.as_ptr().add(b * 256);
         for l in 0..4 {
-            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(512 + l * 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PF_BLOCKS * 256 + l * 64) as *const i8);
         }
-        _mm_prefetch::<_MM_HINT_T0>(wd.as_ptr().wrapping_add((b + 2) * NR) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(wm.as_ptr().wrapping_add((b + 2) * NR) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(wd.as_ptr().wrapping_add((b + PF_BLOCKS) * NR) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(wm.as_ptr().wrapping_add((b + PF_BLOCKS) * NR) as *const i8);
         let mut w = [_mm512_setzero_si512(); 8];
         for j in 0..4 {
             let raw = _mm512_loadu_si512(base.add(j * 64) as *const _);
@@ -676,12 +679,12 @@ unsafe fn q8_vnni<const HALVES: bool, const R: usize>(wq: &[u8], wd: &[f32], sum
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..kb {
         let base = wq.as_ptr().add(b * 512);
-        // Weights stream from memory once per panel: ask for two blocks ahead (past the
-        // panel's end this reads the next panel, which the same task takes next).
+        // Weights stream from memory once per panel: ask for PF_BLOCKS blocks ahead (past
+        // the panel's end this reads the next panel, which the same task takes next).
         for l in 0..8 {
-            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(1024 + l * 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PF_BLOCKS * 512 + l * 64) as *const i8);
         }
-        _mm_prefetch::<_MM_HINT_T0>(wd.as_ptr().wrapping_add((b + 2) * NR * if HALVES { 2 } else { 1 }) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(wd.as_ptr().wrapping_add((b + PF_BLOCKS) * NR * if HALVES { 2 } else { 1 }) as *const i8);
         let mut w = [_mm512_setzero_si512(); 8];
         for (g, w) in w.iter_mut().enumerate() {
             *w = _mm512_loadu_si512(base.add(g * 64) as *const _);
