@@ -115,3 +115,63 @@ fn surzhyk_share_is_measured() {
     assert!(d.metadata["other_language_share"].as_f64().unwrap() < 0.2);
 }
 
+
+/// The cached evaluator (`lingua_fast`) gives lingua's answers: the same top language and
+/// confidence values within float rounding for document prefixes, the same decision for
+/// lines, on every text of the corpora here; and it answers for nearly all of them
+/// (the rest go to lingua).
+#[test]
+fn fast_evaluator_gives_linguas_answers() {
+    use hromada_data::steps::lingua_fast::FastLingua;
+    use lingua::{Language, LanguageDetectorBuilder};
+    let langs = [Language::Ukrainian, Language::Russian, Language::Belarusian, Language::English, Language::Polish, Language::Bulgarian];
+    let fast = FastLingua::new(&langs).expect("models for the default languages");
+    let lingua = LanguageDetectorBuilder::from_languages(&langs).with_preloaded_language_models().build();
+    let prefix = |t: &str, n: usize| -> String { t.chars().take(n).collect() };
+    let mut texts: Vec<String> = Vec::new();
+    texts.extend(common::brown_uk().into_iter().map(|(_, t)| prefix(&t, 10_000)));
+    texts.extend(common::ruslit().into_iter().map(|(_, t)| prefix(&t, 10_000)));
+    texts.extend(common::laws().into_iter().flat_map(|(_, _, t)| t.lines().map(String::from).collect::<Vec<_>>()).filter(|l| !l.trim().is_empty()));
+    for dir in [&lingua_ukrainian_language_model::UKRAINIAN_TESTDATA_DIRECTORY, &lingua_russian_language_model::RUSSIAN_TESTDATA_DIRECTORY] {
+        for f in ["sentences.txt", "single-words.txt", "word-pairs.txt"] {
+            texts.extend(dir.get_file(f).unwrap().contents_utf8().unwrap().lines().map(String::from));
+        }
+    }
+    // Mixed scripts, empty and letterless texts, an English and a Polish sentence.
+    texts.extend(["", "   ", "12345 - 678", "Закон України про UNESCO та NATO", "The quick brown fox jumps over the lazy dog", "Zażółć gęślą jaźń, ale wszystko w porządku"].map(String::from));
+    let (mut answered, mut worst) = (0usize, 0f64);
+    for t in &texts {
+        let want = lingua.compute_language_confidence_values(t.as_str());
+        if let Some(got) = fast.confidence_values(t) {
+            answered += 1;
+            assert_eq!(got.len(), want.len(), "{t}");
+            // (With no letters lingua returns every language at 0.0, unsorted.)
+            if want.iter().any(|w| w.1 > 0.0) {
+                assert_eq!(got[0].0, want[0].0, "top language of {t:?}: {got:?} vs {want:?}");
+            }
+            for (g, w) in got.iter().zip(&want) {
+                let wv = want.iter().find(|x| x.0 == g.0).map(|x| x.1).unwrap();
+                worst = worst.max((g.1 - wv).abs());
+                let _ = w;
+            }
+        }
+    }
+    let share = answered as f64 / texts.len() as f64;
+    eprintln!("documents: {answered}/{} answered by the fast evaluator ({share:.4}), max |confidence difference| {worst:e}", texts.len());
+    assert!(worst < 1e-9, "confidence values differ by {worst}");
+    assert!(share > 0.9, "only {share} answered");
+    // Lines, as the surzhyk pass sees them.
+    let (mut lines, mut line_answered) = (0usize, 0usize);
+    for t in texts.iter().take(1200) {
+        for l in t.lines().map(str::trim).filter(|l| l.chars().count() >= 40) {
+            let l: String = l.chars().take(1000).collect();
+            lines += 1;
+            if let Some(got) = fast.detect_language_of(&l) {
+                line_answered += 1;
+                assert_eq!(got, lingua.detect_language_of(l.as_str()), "line {l:?}");
+            }
+        }
+    }
+    eprintln!("lines: {line_answered}/{lines} answered by the fast evaluator");
+    assert!(lines > 5000 && line_answered as f64 > 0.9 * lines as f64);
+}

@@ -3,6 +3,7 @@
 //! dropped per step; a step adds its own counters and histograms to `StepStats`.
 
 pub mod langid;
+pub mod lingua_fast;
 pub mod normalise;
 pub mod pii;
 pub mod quality;
