@@ -235,8 +235,7 @@ impl Q4_1Matrix {
     }
 
     fn matmul_isa(&self, x: &[f32], rows: usize, isa: Isa) -> Vec<f32> {
-        let a = quantize_rows(x, rows, self.k);
-        gemm(rows, self.n, mr(isa), |p, r0, rt, out, ldo, cols| self.tile(isa, p, r0, rt, &a, out, ldo, cols))
+        matmul_many_isa(x, rows, &[self.into()], isa).and_then(|mut v| v.pop()).unwrap_or_default()
     }
 
     /// Rows `r0..r0 + rt` (rt <= 16) times panel `p`, into `out` (row stride `ldo`),
@@ -412,8 +411,7 @@ impl Q8_0Matrix {
     }
 
     fn matmul_isa(&self, x: &[f32], rows: usize, isa: Isa) -> Vec<f32> {
-        let a = quantize_rows(x, rows, self.k);
-        gemm(rows, self.n, mr(isa), |p, r0, rt, out, ldo, cols| self.tile(isa, p, r0, rt, &a, out, ldo, cols))
+        matmul_many_isa(x, rows, &[self.into()], isa).and_then(|mut v| v.pop()).unwrap_or_default()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -462,6 +460,18 @@ pub enum QMat<'a> {
     Q8(&'a Q8_0Matrix),
 }
 
+impl<'a> From<&'a Q4_1Matrix> for QMat<'a> {
+    fn from(m: &'a Q4_1Matrix) -> Self {
+        QMat::Q4(m)
+    }
+}
+
+impl<'a> From<&'a Q8_0Matrix> for QMat<'a> {
+    fn from(m: &'a Q8_0Matrix) -> Self {
+        QMat::Q8(m)
+    }
+}
+
 impl QMat<'_> {
     fn n(&self) -> usize {
         match self {
@@ -482,11 +492,18 @@ impl QMat<'_> {
 /// every matrix's panels go to the pool as one parallel pass. Each result is bit for bit
 /// what `matmul` on that matrix returns. None if the widths differ.
 pub fn matmul_many(x: &[f32], rows: usize, mats: &[QMat]) -> Option<Vec<Vec<f32>>> {
+    matmul_many_isa(x, rows, mats, isa())
+}
+
+/// `matmul_many` with a chosen kernel (every matmul goes through here): the quantized
+/// activations, then every matrix's panels split across the pool, each task taking its
+/// panels over all rows in register tiles, a panel's weights staying in L1 while the
+/// activations stream from L2.
+fn matmul_many_isa(x: &[f32], rows: usize, mats: &[QMat], isa: Isa) -> Option<Vec<Vec<f32>>> {
     let k = mats.first()?.k();
     if mats.iter().any(|m| m.k() != k) || x.len() != rows * k {
         return None;
     }
-    let isa = isa();
     let a = quantize_rows(x, rows, k);
     let mut outs: Vec<Uninit> = mats.iter().map(|m| Uninit::new(rows * m.n())).collect();
     if rows == 0 {
@@ -528,23 +545,6 @@ impl OutPtr {
     fn get(self) -> *mut f32 {
         self.0
     }
-}
-
-/// The driver: panels split across the compute pool; each task runs its panels over all
-/// rows in register tiles, the panel's weights staying in L1 while the quantized
-/// activations stream from L2. `tile(panel, r0, rt, out, ldo, cols)`.
-fn gemm(rows: usize, n: usize, mr: usize, tile: impl Fn(usize, usize, usize, *mut f32, usize, usize) + Sync) -> Vec<f32> {
-    let mut out = Uninit::new(rows * n);
-    if rows == 0 || n == 0 {
-        return out.finish();
-    }
-    let ptr = out.ptr();
-    run_panels(n.div_ceil(NR), rows, mr, |p, r0, rt| {
-        let col0 = p * NR;
-        // SAFETY: row r0 column col0 is inside `out` (rows x n).
-        tile(p, r0, rt, unsafe { ptr.get().add(r0 * n + col0) }, n, (n - col0).min(NR));
-    });
-    out.finish()
 }
 
 /// An output buffer the kernels overwrite completely (every panel's tiles store all their
