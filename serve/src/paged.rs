@@ -95,15 +95,6 @@ impl PagedKv {
         }
     }
 
-    /// Bytes per value of this cache.
-    pub fn value_bytes(&self) -> usize {
-        match self.k.first() {
-            Some(CpuStore::F16(_)) => 2,
-            Some(CpuStore::F32(_)) => 4,
-            None => 0,
-        }
-    }
-
     /// The blocks on `device`: host memory for the CPU, device memory for a GPU (in bf16
     /// when the model computes in bf16 or f16).
     pub fn new(layers: usize, num_blocks: usize, block_size: usize, n_kv: usize, head_dim: usize, device: &Device, dtype: DType) -> Result<Self> {
