@@ -92,17 +92,20 @@ impl Engine {
         let layers = model.model.num_layers();
         let (n_kv, d) = model.model.kv_shape();
         let (device, dtype) = (model.model.device().clone(), model.model.dtype());
-        let cpu_f16 = device.is_cpu() && PagedKv::cpu_f16(cfg.kv_cache_dtype, dtype, model.model.weights_quantized());
-        if !device.is_cpu() && cfg.kv_cache_dtype == KvCacheDType::F16 {
-            tracing::warn!("--kv-cache-dtype f16 applies to the CPU cache; the GPU cache keeps the model's precision (bf16 or f32)");
+        if !device.is_cpu() && matches!(cfg.kv_cache_dtype, KvCacheDType::F16 | KvCacheDType::Q8) {
+            tracing::warn!("--kv-cache-dtype f16/q8 applies to the CPU cache; the GPU cache keeps the model's precision (bf16 or f32)");
         }
-        let elem = if cpu_f16 { 2 } else { PagedKv::elem_bytes(&device, dtype) };
-        let num_blocks = PagedKv::blocks_for_budget(cfg.kv_cache_bytes, layers, cfg.block_size, n_kv, d, elem).max(1);
-        tracing::info!(num_blocks, block_size = cfg.block_size, bytes_per_value = elem, "paged KV cache");
-        let kv = if cpu_f16 {
-            PagedKv::new_cpu_f16(layers, num_blocks, cfg.block_size, n_kv, d)
+        let (kv, num_blocks) = if device.is_cpu() {
+            let kind = PagedKv::cpu_kind(cfg.kv_cache_dtype, dtype, model.model.weights_quantized());
+            let row = PagedKv::cpu_row_bytes(kind, d);
+            let num_blocks = PagedKv::blocks_for_budget(cfg.kv_cache_bytes, layers, cfg.block_size, n_kv, row).max(1);
+            tracing::info!(num_blocks, block_size = cfg.block_size, kv_cache_dtype = ?kind, "paged KV cache");
+            (PagedKv::new_cpu(kind, layers, num_blocks, cfg.block_size, n_kv, d), num_blocks)
         } else {
-            PagedKv::new(layers, num_blocks, cfg.block_size, n_kv, d, &device, dtype)?
+            let elem = PagedKv::elem_bytes(&device, dtype);
+            let num_blocks = PagedKv::blocks_for_budget(cfg.kv_cache_bytes, layers, cfg.block_size, n_kv, d * elem).max(1);
+            tracing::info!(num_blocks, block_size = cfg.block_size, bytes_per_value = elem, "paged KV cache");
+            (PagedKv::new(layers, num_blocks, cfg.block_size, n_kv, d, &device, dtype)?, num_blocks)
         };
         Ok(Self {
             kv,

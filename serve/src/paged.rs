@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use hromada_models::cache::{AttnParams, KvCache};
 use half::f16;
-use hromada_models::kernels::attn::{attend_paged, write_kv, KvElem, PagedLayout, RowSpec};
+use hromada_models::kernels::attn::{attend_paged, write_kv, write_kv_q8, KvElem, PagedLayout, RowSpec, Scales};
 use rayon::prelude::*;
 
 use crate::block_manager::BlockId;
@@ -18,6 +18,8 @@ use crate::block_manager::BlockId;
 enum CpuStore {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    /// 8-bit values and one f32 scale per (slot, K/V head) row.
+    Q8(Vec<i8>, Vec<f32>),
 }
 
 
@@ -30,6 +32,9 @@ pub enum KvCacheDType {
     Auto,
     F32,
     F16,
+    /// 8-bit values with one scale per (slot, K/V head), on the CPU (llama.cpp's `q8_0`
+    /// cache type): a quarter of f32's bytes, half of f16's.
+    Q8,
 }
 
 impl std::str::FromStr for KvCacheDType {
@@ -39,7 +44,8 @@ impl std::str::FromStr for KvCacheDType {
             "auto" => Ok(Self::Auto),
             "f32" | "float32" => Ok(Self::F32),
             "f16" | "float16" | "half" => Ok(Self::F16),
-            other => Err(format!("unknown KV cache dtype `{other}` (expected auto, f32 or f16)")),
+            "q8" | "q8_0" | "int8" | "i8" => Ok(Self::Q8),
+            other => Err(format!("unknown KV cache dtype `{other}` (expected auto, f32, f16 or q8)")),
         }
     }
 }
@@ -70,26 +76,40 @@ impl PagedKv {
         }
     }
 
-    /// Whether a CPU cache for this model holds f16 under `choice`: asked for, or `auto`
-    /// with quantized weights or half-precision activations.
-    pub fn cpu_f16(choice: KvCacheDType, dtype: DType, weights_quantized: bool) -> bool {
+    /// What a CPU cache for this model holds under `choice` (F32, F16 or Q8): `auto` is
+    /// f16 with quantized weights or half-precision activations, else f32.
+    pub fn cpu_kind(choice: KvCacheDType, dtype: DType, weights_quantized: bool) -> KvCacheDType {
         match choice {
-            KvCacheDType::F16 => true,
-            KvCacheDType::F32 => false,
-            KvCacheDType::Auto => weights_quantized || matches!(dtype, DType::BF16 | DType::F16),
+            KvCacheDType::Auto if weights_quantized || matches!(dtype, DType::BF16 | DType::F16) => KvCacheDType::F16,
+            KvCacheDType::Auto => KvCacheDType::F32,
+            other => other,
         }
     }
 
-    /// A CPU cache of f16 values.
-    pub fn new_cpu_f16(layers: usize, num_blocks: usize, block_size: usize, n_kv: usize, head_dim: usize) -> Self {
+    /// Bytes one (slot, K/V head) row of keys or values takes in a CPU cache of `kind`.
+    pub fn cpu_row_bytes(kind: KvCacheDType, head_dim: usize) -> usize {
+        match kind {
+            KvCacheDType::F16 => 2 * head_dim,
+            KvCacheDType::Q8 => head_dim + 4,
+            _ => 4 * head_dim,
+        }
+    }
+
+    /// A CPU cache of f16 (`kind` F16) or 8-bit (Q8) values; f32 otherwise.
+    pub fn new_cpu(kind: KvCacheDType, layers: usize, num_blocks: usize, block_size: usize, n_kv: usize, head_dim: usize) -> Self {
         let n = num_blocks * block_size * n_kv * head_dim;
+        let store = || match kind {
+            KvCacheDType::F16 => CpuStore::F16(vec![f16::ZERO; n]),
+            KvCacheDType::Q8 => CpuStore::Q8(vec![0i8; n], vec![0f32; num_blocks * block_size * n_kv]),
+            _ => CpuStore::F32(vec![0f32; n]),
+        };
         Self {
             block_size,
             num_blocks,
             n_kv,
             head_dim,
-            k: (0..layers).map(|_| CpuStore::F16(vec![f16::ZERO; n])).collect(),
-            v: (0..layers).map(|_| CpuStore::F16(vec![f16::ZERO; n])).collect(),
+            k: (0..layers).map(|_| store()).collect(),
+            v: (0..layers).map(|_| store()).collect(),
             #[cfg(feature = "cuda")]
             gpu: None,
         }
@@ -124,9 +144,10 @@ impl PagedKv {
         })
     }
 
-    /// How many blocks fit in `bytes` (K and V, all layers, `elem_bytes` per value).
-    pub fn blocks_for_budget(bytes: usize, layers: usize, block_size: usize, n_kv: usize, head_dim: usize, elem_bytes: usize) -> usize {
-        let per_block = 2 * layers * block_size * n_kv * head_dim * elem_bytes;
+    /// How many blocks fit in `bytes` (K and V, all layers, `row_bytes` per (slot, K/V
+    /// head) row: `head_dim · elem_bytes`, or [`Self::cpu_row_bytes`]).
+    pub fn blocks_for_budget(bytes: usize, layers: usize, block_size: usize, n_kv: usize, row_bytes: usize) -> usize {
+        let per_block = 2 * layers * block_size * n_kv * row_bytes;
         bytes / per_block.max(1)
     }
 }
@@ -205,6 +226,7 @@ impl KvCache for PagedBatch<'_> {
                 match (&mut self.kv.k[layer], &mut self.kv.v[layer]) {
                     (CpuStore::F32(ks), CpuStore::F32(vs)) => write_kv(ks, vs, &layout, slot, kn, vn),
                     (CpuStore::F16(ks), CpuStore::F16(vs)) => write_kv(ks, vs, &layout, slot, kn, vn),
+                    (CpuStore::Q8(ks, kss), CpuStore::Q8(vs, vss)) => write_kv_q8(ks, kss, vs, vss, &layout, slot, kn, vn),
                     _ => candle_core::bail!("paged cache layer {layer}: K and V stores differ in dtype"),
                 }
                 tok.push((si, pos));
@@ -216,8 +238,9 @@ impl KvCache for PagedBatch<'_> {
         let mut out = vec![0f32; n * h * d];
         let (seqs, window) = (&self.seqs, p.sliding_window);
         match (&self.kv.k[layer], &self.kv.v[layer]) {
-            (CpuStore::F32(ks), CpuStore::F32(vs)) => attend_tokens(ks, vs, &layout, seqs, &tok, &qv, &mut out, rep, window, spec),
-            (CpuStore::F16(ks), CpuStore::F16(vs)) => attend_tokens(ks, vs, &layout, seqs, &tok, &qv, &mut out, rep, window, spec),
+            (CpuStore::F32(ks), CpuStore::F32(vs)) => attend_tokens(ks, vs, None, &layout, seqs, &tok, &qv, &mut out, rep, window, spec),
+            (CpuStore::F16(ks), CpuStore::F16(vs)) => attend_tokens(ks, vs, None, &layout, seqs, &tok, &qv, &mut out, rep, window, spec),
+            (CpuStore::Q8(ks, kss), CpuStore::Q8(vs, vss)) => attend_tokens(ks, vs, Some(Scales { k: kss, v: vss }), &layout, seqs, &tok, &qv, &mut out, rep, window, spec),
             _ => candle_core::bail!("paged cache layer {layer}: K and V stores differ in dtype"),
         }
         Tensor::from_vec(out, (n, h * d), &dev)?.to_dtype(q.dtype())
@@ -230,6 +253,7 @@ impl KvCache for PagedBatch<'_> {
 fn attend_tokens<E: KvElem>(
     keys: &[E],
     values: &[E],
+    scales: Option<Scales>,
     layout: &PagedLayout,
     seqs: &[BatchSeq],
     tok: &[(usize, usize)],
@@ -248,7 +272,7 @@ fn attend_tokens<E: KvElem>(
         for g in 0..layout.n_kv {
             let heads = g * rep..(g + 1) * rep;
             let qs = &qv[(ti * h + heads.start) * d..(ti * h + heads.end) * d];
-            attend_paged(qs, keys, values, layout, g, table, first, pos, spec, scratch, &mut o[heads.start * d..heads.end * d]);
+            attend_paged(qs, keys, values, scales, layout, g, table, first, pos, spec, scratch, &mut o[heads.start * d..heads.end * d]);
         }
     });
 }

@@ -8,8 +8,11 @@
 //! dimension (one FMA per dimension per 16 keys, the query value broadcast), and each of
 //! the group's query heads (the heads sharing a K/V head) reuses the loaded keys. The
 //! weighted sum of values reads each value row once for all the group's heads, with the
-//! output held in registers. Stores hold f32 or f16 ([`KvElem`]); f16 is widened with
-//! F16C as it is read, halving the memory a decode step streams.
+//! output held in registers. Stores hold f32, f16 or i8 ([`KvElem`]); f16 is widened
+//! with F16C as it is read, halving the memory a decode step streams, and i8 (an 8-bit
+//! cache, as llama.cpp's `q8_0` cache type) halves it again: each (slot, K/V head) row of
+//! keys or values is quantized with one f32 scale (`max|x| / 127`, [`Scales`]), which
+//! multiplies the 16 scores of a block's slots at once and each value row's weight.
 //!
 //! The arithmetic of a token depends only on its own query and keys, never on the rest
 //! of the batch, so batched and one-at-a-time decoding give the same bits.
@@ -44,6 +47,19 @@ impl PagedLayout {
     pub fn value_index(&self, slot: usize, g: usize) -> usize {
         (slot * self.n_kv + g) * self.head_dim
     }
+    /// Index of the scale of key row `(slot, kv head)` in an 8-bit store.
+    pub fn key_scale_index(&self, slot: usize, g: usize) -> usize {
+        let (b, t) = (slot / self.block_size, slot % self.block_size);
+        (b * self.n_kv + g) * self.block_size + t
+    }
+    /// Index of the scale of value row `(slot, kv head)` in an 8-bit store.
+    pub fn value_scale_index(&self, slot: usize, g: usize) -> usize {
+        slot * self.n_kv + g
+    }
+    /// Scales per layer (keys or values) of an 8-bit store of `num_blocks` blocks.
+    pub fn scales_len(&self, num_blocks: usize) -> usize {
+        num_blocks * self.block_size * self.n_kv
+    }
     /// Values per layer for `num_blocks` blocks (the same for keys and values).
     pub fn len(&self, num_blocks: usize) -> usize {
         num_blocks * self.block_size * self.n_kv * self.head_dim
@@ -53,6 +69,8 @@ impl PagedLayout {
 /// The element type of a K/V store.
 pub trait KvElem: Copy + Send + Sync + Default + 'static {
     const IS_F16: bool;
+    /// 8-bit values with a scale per (slot, K/V head) row ([`Scales`]).
+    const IS_I8: bool = false;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
     /// `dst[i] = from_f32(src[i])`, vectorised where the type allows.
@@ -87,6 +105,62 @@ impl KvElem for f16 {
     }
 }
 
+impl KvElem for i8 {
+    const IS_F16: bool = false;
+    const IS_I8: bool = true;
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    /// Rounded half away from zero and saturated; the store's writer ([`write_kv_q8`])
+    /// scales first. (`f32::round` is a libm call on baseline x86-64, and a prefill
+    /// writes millions of these.)
+    fn from_f32(v: f32) -> Self {
+        (v + 0.5f32.copysign(v)).clamp(-127.0, 127.0) as i8
+    }
+}
+
+/// The scales of an 8-bit store, one per (slot, K/V head): keys at
+/// [`PagedLayout::key_scale_index`] (a block's 16 slots contiguous), values at
+/// [`PagedLayout::value_scale_index`].
+#[derive(Debug, Clone, Copy)]
+pub struct Scales<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
+/// `(scale, 1/scale)` for one row quantized to -127..=127 (zero rows: `(0, 0)`).
+fn q8_scale(x: &[f32]) -> (f32, f32) {
+    let m = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    if m > 0.0 && m.is_finite() {
+        (m / 127.0, 127.0 / m)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+/// Writes one token's new keys and values (`[n_kv · head_dim]` each) into `slot` of an
+/// 8-bit store: each K/V head's row rounded to i8 with its own scale.
+#[allow(clippy::too_many_arguments)]
+pub fn write_kv_q8(keys: &mut [i8], key_scales: &mut [f32], values: &mut [i8], value_scales: &mut [f32], layout: &PagedLayout, slot: usize, k: &[f32], v: &[f32]) {
+    let (d, bs) = (layout.head_dim, layout.block_size);
+    for g in 0..layout.n_kv {
+        let kg = &k[g * d..(g + 1) * d];
+        let (sc, inv) = q8_scale(kg);
+        key_scales[layout.key_scale_index(slot, g)] = sc;
+        let k0 = layout.key_index(slot, g, 0);
+        for (i, &x) in kg.iter().enumerate() {
+            keys[k0 + i * bs] = i8::from_f32(x * inv);
+        }
+        let vg = &v[g * d..(g + 1) * d];
+        let (sc, inv) = q8_scale(vg);
+        value_scales[layout.value_scale_index(slot, g)] = sc;
+        let v0 = layout.value_index(slot, g);
+        for (o, &x) in values[v0..v0 + d].iter_mut().zip(vg) {
+            *o = i8::from_f32(x * inv);
+        }
+    }
+}
+
 /// Writes one token's new keys and values (`[n_kv · head_dim]` each) into `slot`.
 pub fn write_kv<E: KvElem>(keys: &mut [E], values: &mut [E], layout: &PagedLayout, slot: usize, k: &[f32], v: &[f32]) {
     let d = layout.head_dim;
@@ -112,9 +186,15 @@ pub fn write_kv<E: KvElem>(keys: &mut [E], values: &mut [E], layout: &PagedLayou
 /// One token's attention for the query heads `qs` (`G · head_dim`, consecutive heads
 /// sharing K/V head `g`) over positions `first..=last` of the sequence whose blocks are
 /// `table`: `out_h = softmax(scale · q_h·k_j) · v_j`. `scratch` is reused across calls;
-/// `out` (`G · head_dim`) is overwritten.
+/// `out` (`G · head_dim`) is overwritten. `scales`: those of an 8-bit store (required
+/// for `E = i8`, ignored otherwise).
 #[allow(clippy::too_many_arguments)]
-pub fn attend_paged<E: KvElem>(qs: &[f32], keys: &[E], values: &[E], layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
+pub fn attend_paged<E: KvElem>(qs: &[f32], keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
+    let scales = if E::IS_I8 { scales } else { None };
+    if E::IS_I8 && scales.is_none() {
+        out.fill(f32::NAN);
+        return;
+    }
     let d = layout.head_dim;
     debug_assert!(spec.head_dim == d && qs.len() % d == 0 && out.len() == qs.len());
     if first > last || last / layout.block_size >= table.len() {
@@ -132,10 +212,10 @@ pub fn attend_paged<E: KvElem>(qs: &[f32], keys: &[E], values: &[E], layout: &Pa
                 // the stores (the block manager hands out ids below num_blocks).
                 unsafe {
                     match h1 - h0 {
-                        1 => paged_avx512::<E, 1>(q, keys, values, layout, g, table, first, last, spec, scratch, o),
-                        2 => paged_avx512::<E, 2>(q, keys, values, layout, g, table, first, last, spec, scratch, o),
-                        3 => paged_avx512::<E, 3>(q, keys, values, layout, g, table, first, last, spec, scratch, o),
-                        _ => paged_avx512::<E, 4>(q, keys, values, layout, g, table, first, last, spec, scratch, o),
+                        1 => paged_avx512::<E, 1>(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o),
+                        2 => paged_avx512::<E, 2>(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o),
+                        3 => paged_avx512::<E, 3>(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o),
+                        _ => paged_avx512::<E, 4>(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o),
                     }
                 }
             }
@@ -144,13 +224,13 @@ pub fn attend_paged<E: KvElem>(qs: &[f32], keys: &[E], values: &[E], layout: &Pa
         if layout.block_size % 8 == 0 && d % 8 == 0 && super::has_avx2() {
             for (q, o) in qs.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
                 // SAFETY: AVX2, FMA and F16C were detected; as above for the blocks.
-                unsafe { paged_avx2(q, keys, values, layout, g, table, first, last, spec, scratch, o) };
+                unsafe { paged_avx2(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o) };
             }
             return;
         }
     }
     for (q, o) in qs.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        paged_scalar(q, keys, values, layout, g, table, first, last, spec, scratch, o);
+        paged_scalar(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o);
     }
 }
 
@@ -159,7 +239,9 @@ fn slot_of(layout: &PagedLayout, table: &[u32], j: usize) -> usize {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn paged_scalar<E: KvElem>(q: &[f32], keys: &[E], values: &[E], layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scores: &mut Vec<f32>, out: &mut [f32]) {
+fn paged_scalar<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let ks = |slot: usize| scales.map_or(1.0, |s| s.k[layout.key_scale_index(slot, g)]);
+    let vs = |slot: usize| scales.map_or(1.0, |s| s.v[layout.value_scale_index(slot, g)]);
     let d = layout.head_dim;
     scores.clear();
     out.fill(0.0);
@@ -167,7 +249,7 @@ fn paged_scalar<E: KvElem>(q: &[f32], keys: &[E], values: &[E], layout: &PagedLa
     for j in first..=last {
         let slot = slot_of(layout, table, j);
         let dot: f32 = (0..d).map(|i| q[i] * keys[layout.key_index(slot, g, i)].to_f32()).sum();
-        let s = softcap(dot * spec.scale, spec.softcap);
+        let s = softcap(dot * ks(slot) * spec.scale, spec.softcap);
         mx = mx.max(s);
         scores.push(s);
     }
@@ -178,9 +260,11 @@ fn paged_scalar<E: KvElem>(q: &[f32], keys: &[E], values: &[E], layout: &PagedLa
     }
     let inv = 1.0 / sum;
     for (j, &p) in (first..=last).zip(scores.iter()) {
-        let vi = layout.value_index(slot_of(layout, table, j), g);
+        let slot = slot_of(layout, table, j);
+        let vi = layout.value_index(slot, g);
+        let w = p * vs(slot);
         for (a, b) in out.iter_mut().zip(&values[vi..vi + d]) {
-            *a += p * inv * b.to_f32();
+            *a += w * inv * b.to_f32();
         }
     }
 }
@@ -200,6 +284,8 @@ unsafe fn load16<E: KvElem>(p: *const E) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     if E::IS_F16 {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    } else if E::IS_I8 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
     } else {
         _mm512_loadu_ps(p as *const f32)
     }
@@ -213,6 +299,8 @@ unsafe fn load8<E: KvElem>(p: *const E) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     if E::IS_F16 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    } else if E::IS_I8 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
     } else {
         _mm256_loadu_ps(p as *const f32)
     }
@@ -259,7 +347,7 @@ unsafe fn exp_normaliser(s: &mut [f32], lo: usize, hi: usize, cap: Option<f32>) 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values: &[E], layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
+unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (bs, d) = (layout.block_size, layout.head_dim);
     let (b0, b1) = (first / bs, last / bs);
@@ -297,7 +385,12 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
                 i += 2;
             }
             for (h, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(sp.add(h * len + (blk - b0) * bs + c), _mm512_mul_ps(_mm512_add_ps(a[0], a[1]), scale));
+                let mut sc = scale;
+                if let (true, Some(s)) = (E::IS_I8, scales) {
+                    // The 16 slots' key scales, contiguous in the block.
+                    sc = _mm512_mul_ps(sc, _mm512_loadu_ps(s.k.as_ptr().add(((table[blk] as usize) * layout.n_kv + g) * bs + c)));
+                }
+                _mm512_storeu_ps(sp.add(h * len + (blk - b0) * bs + c), _mm512_mul_ps(_mm512_add_ps(a[0], a[1]), sc));
             }
         }
     }
@@ -311,10 +404,10 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
     while c0 < d {
         let cn = ((d - c0) / 16).min(4);
         match cn {
-            4 => vpass512::<E, G, 4>(values, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
-            3 => vpass512::<E, G, 3>(values, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
-            2 => vpass512::<E, G, 2>(values, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
-            _ => vpass512::<E, G, 1>(values, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
+            4 => vpass512::<E, G, 4>(values, scales, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
+            3 => vpass512::<E, G, 3>(values, scales, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
+            2 => vpass512::<E, G, 2>(values, scales, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
+            _ => vpass512::<E, G, 1>(values, scales, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
         }
         c0 += cn * 16;
     }
@@ -325,7 +418,7 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, scores: &[f32], base: usize, len: usize, inv: &[f32; G], c0: usize, out: &mut [f32]) {
+unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, scores: &[f32], base: usize, len: usize, inv: &[f32; G], c0: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let d = layout.head_dim;
     let vp = values.as_ptr();
@@ -346,13 +439,19 @@ unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], lay
                 next = next.add(step * std::mem::size_of::<E>());
             }
         }
+        let slot0 = table[blk] as usize * bs;
         for j in j0..=j1 {
             let mut vr = [_mm512_setzero_ps(); CN];
             for (c, v) in vr.iter_mut().enumerate() {
                 *v = load16(row.add(c * 16));
             }
+            // An 8-bit row's scale joins its weight (compiled out for f32 and f16).
+            let w = match (E::IS_I8, scales) {
+                (true, Some(s)) => *s.v.get_unchecked(layout.value_scale_index(slot0 + j % bs, g)),
+                _ => 1.0,
+            };
             for (h, a) in acc.iter_mut().enumerate() {
-                let p = _mm512_set1_ps(*sp.add(h * len + j - base));
+                let p = _mm512_set1_ps(*sp.add(h * len + j - base) * w);
                 for c in 0..CN {
                     a[c] = _mm512_fmadd_ps(p, vr[c], a[c]);
                 }
@@ -373,7 +472,7 @@ unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], lay
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
+unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (bs, d) = (layout.block_size, layout.head_dim);
     let (b0, b1) = (first / bs, last / bs);
@@ -395,7 +494,11 @@ unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], layout: &Pa
                 a1 = _mm256_fmadd_ps(_mm256_set1_ps(q[i + 1]), load8(kb.add((i + 1) * bs + c)), a1);
                 i += 2;
             }
-            _mm256_storeu_ps(sp.add((blk - b0) * bs + c), _mm256_mul_ps(_mm256_add_ps(a0, a1), scale));
+            let mut sc = scale;
+            if let (true, Some(s)) = (E::IS_I8, scales) {
+                sc = _mm256_mul_ps(sc, _mm256_loadu_ps(s.k.as_ptr().add(((table[blk] as usize) * layout.n_kv + g) * bs + c)));
+            }
+            _mm256_storeu_ps(sp.add((blk - b0) * bs + c), _mm256_mul_ps(_mm256_add_ps(a0, a1), sc));
         }
     }
     let inv = exp_normaliser(scratch, first - base, last - base, spec.softcap);
@@ -409,8 +512,13 @@ unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], layout: &Pa
         for blk in first / bs..=last / bs {
             let (j0, j1) = ((blk * bs).max(first), (blk * bs + bs - 1).min(last));
             let mut row = vp.add(layout.value_index(table[blk] as usize * bs + j0 % bs, g) + c0);
+            let slot0 = table[blk] as usize * bs;
             for j in j0..=j1 {
-                let p = _mm256_set1_ps(*sp.add(j - base));
+                let w = match (E::IS_I8, scales) {
+                    (true, Some(s)) => *s.v.get_unchecked(layout.value_scale_index(slot0 + j % bs, g)),
+                    _ => 1.0,
+                };
+                let p = _mm256_set1_ps(*sp.add(j - base) * w);
                 for (c, a) in acc.iter_mut().enumerate().take(cn) {
                     *a = _mm256_fmadd_ps(p, load8(row.add(c * 8)), *a);
                 }
@@ -446,7 +554,13 @@ mod tests {
         (0..d).map(|i| v.iter().zip(&sc).map(|(vr, s)| (s - mx).exp() / z * vr[i] as f64).sum()).collect()
     }
 
-    fn check<E: KvElem>(round: impl Fn(f32) -> f32) {
+    /// Writes one token into the stores (keys, values, key scales, value scales).
+    type Writer<E> = fn(&mut [E], &mut [E], &mut [f32], &mut [f32], &PagedLayout, usize, &[f32], &[f32]);
+
+    /// Every kernel against a float64 reference computed from what the store holds
+    /// (read back and checked against the written values: exactly `round(x)`, or for an
+    /// 8-bit store within half a quantization step), for several shapes.
+    fn check<E: KvElem>(write: Writer<E>, round: impl Fn(f32) -> f32) {
         let mut rng = crate::sampling::Rng::new(17);
         // (head_dim, n_kv, heads per group, block size, first, last, softcap)
         let cases = [
@@ -467,34 +581,46 @@ mod tests {
             let total = layout.len(nblocks);
             let mut keys = vec![E::from_f32(9.0); total];
             let mut values = vec![E::from_f32(-9.0); total];
+            let (mut ks, mut vs) = (vec![7f32; layout.scales_len(nblocks)], vec![7f32; layout.scales_len(nblocks)]);
             let mut kref = vec![vec![vec![0f32; d]; last + 1]; n_kv];
             let mut vref = kref.clone();
             for j in 0..=last {
                 let k: Vec<f32> = (0..n_kv * d).map(|_| (rng.next_f64() - 0.5) as f32 * 4.0).collect();
                 let v: Vec<f32> = (0..n_kv * d).map(|_| (rng.next_f64() - 0.5) as f32).collect();
-                write_kv(&mut keys, &mut values, &layout, slot_of(&layout, &table, j), &k, &v);
+                let slot = slot_of(&layout, &table, j);
+                write(&mut keys, &mut values, &mut ks, &mut vs, &layout, slot, &k, &v);
                 for g in 0..n_kv {
-                    kref[g][j] = k[g * d..(g + 1) * d].iter().map(|&x| round(x)).collect();
-                    vref[g][j] = v[g * d..(g + 1) * d].iter().map(|&x| round(x)).collect();
+                    let (kscale, vscale) = if E::IS_I8 { (ks[layout.key_scale_index(slot, g)], vs[layout.value_scale_index(slot, g)]) } else { (1.0, 1.0) };
+                    kref[g][j] = (0..d).map(|i| keys[layout.key_index(slot, g, i)].to_f32() * kscale).collect();
+                    vref[g][j] = (0..d).map(|i| values[layout.value_index(slot, g) + i].to_f32() * vscale).collect();
+                    for i in 0..d {
+                        let (kw, vw) = (k[g * d + i], v[g * d + i]);
+                        if E::IS_I8 {
+                            assert!((kref[g][j][i] - kw).abs() <= kscale * 0.5001 && (vref[g][j][i] - vw).abs() <= vscale * 0.5001, "8-bit row {j} head {g} dim {i}");
+                        } else {
+                            assert!(kref[g][j][i] == round(kw) && vref[g][j][i] == round(vw), "stored row {j} head {g} dim {i}");
+                        }
+                    }
                 }
             }
+            let scales = Some(Scales { k: &ks, v: &vs });
             let spec = RowSpec { head_dim: d, scale: 1.0 / (d as f32).sqrt(), softcap: cap };
             for g in 0..n_kv {
                 let qs: Vec<f32> = (0..gh * d).map(|_| (rng.next_f64() - 0.5) as f32).collect();
                 let mut scratch = Vec::new();
                 let mut fast = vec![1f32; gh * d];
-                attend_paged(&qs, &keys, &values, &layout, g, &table, first, last, spec, &mut scratch, &mut fast);
+                attend_paged(&qs, &keys, &values, scales, &layout, g, &table, first, last, spec, &mut scratch, &mut fast);
                 for h in 0..gh {
                     let q = &qs[h * d..(h + 1) * d];
                     let mut slow = vec![2f32; d];
-                    paged_scalar(q, &keys, &values, &layout, g, &table, first, last, spec, &mut scratch, &mut slow);
+                    paged_scalar(q, &keys, &values, if E::IS_I8 { scales } else { None }, &layout, g, &table, first, last, spec, &mut scratch, &mut slow);
                     let want = reference(q, &kref[g][first..=last], &vref[g][first..=last], spec);
                     // The AVX2 kernel too, where this CPU would otherwise take AVX-512.
                     #[cfg(target_arch = "x86_64")]
                     if bs % 8 == 0 && d % 8 == 0 && crate::kernels::has_avx2() {
                         let mut o2 = vec![3f32; d];
                         // SAFETY: AVX2, FMA and F16C detected; the blocks are inside the stores.
-                        unsafe { paged_avx2(q, &keys, &values, &layout, g, &table, first, last, spec, &mut scratch, &mut o2) };
+                        unsafe { paged_avx2(q, &keys, &values, if E::IS_I8 { scales } else { None }, &layout, g, &table, first, last, spec, &mut scratch, &mut o2) };
                         for i in 0..d {
                             assert!((o2[i] as f64 - want[i]).abs() < 1e-5, "avx2 d={d} {first}..={last} dim {i}");
                         }
@@ -508,9 +634,26 @@ mod tests {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn write_plain<E: KvElem>(k: &mut [E], v: &mut [E], _: &mut [f32], _: &mut [f32], l: &PagedLayout, slot: usize, kn: &[f32], vn: &[f32]) {
+        write_kv(k, v, l, slot, kn, vn);
+    }
+
     #[test]
-    fn paged_attention_matches_f64_for_f32_and_f16_stores() {
-        check::<f32>(|x| x);
-        check::<f16>(|x| f16::from_f32(x).to_f32());
+    fn paged_attention_matches_f64_for_f32_f16_and_8_bit_stores() {
+        check::<f32>(write_plain::<f32>, |x| x);
+        check::<f16>(write_plain::<f16>, |x| f16::from_f32(x).to_f32());
+        check::<i8>(|k, v, ks, vs, l, slot, kn, vn| write_kv_q8(k, ks, v, vs, l, slot, kn, vn), |x| x);
+    }
+
+    /// An 8-bit store without its scales is refused (NaN out), never read unscaled.
+    #[test]
+    fn eight_bit_store_needs_its_scales() {
+        let layout = PagedLayout { block_size: 16, n_kv: 1, head_dim: 16 };
+        let (k, v) = (vec![1i8; layout.len(1)], vec![1i8; layout.len(1)]);
+        let mut out = vec![0f32; 16];
+        let spec = RowSpec { head_dim: 16, scale: 0.25, softcap: None };
+        attend_paged(&[0.5f32; 16], &k, &v, None, &layout, 0, &[0], 0, 3, spec, &mut Vec::new(), &mut out);
+        assert!(out.iter().all(|x| x.is_nan()));
     }
 }
