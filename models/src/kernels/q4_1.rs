@@ -235,7 +235,7 @@ impl Q4_1Matrix {
     }
 
     fn matmul_isa(&self, x: &[f32], rows: usize, isa: Isa) -> Vec<f32> {
-        matmul_many_isa(x, rows, &[self.into()], isa).and_then(|mut v| v.pop()).unwrap_or_default()
+        matmul_one(self.into(), x, rows, isa)
     }
 
     /// Rows `r0..r0 + rt` (rt <= 16) times panel `p`, into `out` (row stride `ldo`),
@@ -411,7 +411,7 @@ impl Q8_0Matrix {
     }
 
     fn matmul_isa(&self, x: &[f32], rows: usize, isa: Isa) -> Vec<f32> {
-        matmul_many_isa(x, rows, &[self.into()], isa).and_then(|mut v| v.pop()).unwrap_or_default()
+        matmul_one(self.into(), x, rows, isa)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -568,6 +568,11 @@ impl Uninit {
         // element (or len is 0).
         unsafe { Vec::from_raw_parts(p as *mut f32, len, cap) }
     }
+}
+
+/// One matrix's product through the shared driver.
+fn matmul_one(m: QMat, x: &[f32], rows: usize, isa: Isa) -> Vec<f32> {
+    matmul_many_isa(x, rows, &[m], isa).and_then(|mut v| v.pop()).unwrap_or_default()
 }
 
 /// Runs `f(panel, r0, rt)` for every panel and row tile: panels split across the pool in
