@@ -340,6 +340,37 @@ enum BenchCmd {
     Fertility(BenchFertilityArgs),
     /// Training tokens/s and peak memory (LoRA and full), optionally beside PyTorch + PEFT.
     Train(BenchTrainArgs),
+    /// The CPU paged attention of one decode step alone, per KV-cache element type.
+    Attention(BenchAttentionArgs),
+}
+
+#[derive(Args)]
+struct BenchAttentionArgs {
+    /// Comma-separated KV-cache element types to measure (f32, f16, q8).
+    #[arg(long, default_value = "f16,q8")]
+    kv_cache_dtype: String,
+    /// Tokens of context per sequence (the decode token attends to these and itself).
+    #[arg(long, default_value_t = 160)]
+    context: usize,
+    /// Sequences in the step.
+    #[arg(long, default_value_t = 16)]
+    seqs: usize,
+    /// Model shape (defaults: SmolLM2-135M's).
+    #[arg(long, default_value_t = 30)]
+    layers: usize,
+    #[arg(long, default_value_t = 9)]
+    heads: usize,
+    #[arg(long, default_value_t = 3)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Cache size: the sequences' blocks are scattered over all of it.
+    #[arg(long, default_value_t = 512)]
+    kv_cache_mib: usize,
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
 }
 
 #[derive(Args)]
@@ -504,6 +535,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve(a),
         Cmd::Bench(BenchCmd::Data(a)) => bench_data(a),
         Cmd::Bench(BenchCmd::Train(a)) => bench_train(a),
+        Cmd::Bench(BenchCmd::Attention(a)) => bench_attention(a),
         Cmd::Bench(BenchCmd::Fertility(a)) => {
             let rows = hromada_data::bench::fertility(&a.models, &a.input)?;
             println!("| tokenizer | vocab | docs | words | chars | tokens | tokens/word | chars/token |\n|---|---|---|---|---|---|---|---|");
@@ -682,6 +714,30 @@ fn convert(a: ConvertArgs) -> Result<()> {
         .with_context(|| format!("loading `{}`", a.input))?;
     hromada_models::convert::write_hf_dir(&m, &a.out, dtype)?;
     println!("{}", a.out.display());
+    Ok(())
+}
+
+fn bench_attention(a: BenchAttentionArgs) -> Result<()> {
+    use hromada_serve::bench_attention::{run, AttnBenchConfig};
+    let cfg = AttnBenchConfig {
+        layers: a.layers,
+        n_heads: a.heads,
+        n_kv_heads: a.kv_heads,
+        head_dim: a.head_dim,
+        seqs: a.seqs,
+        context: a.context,
+        block_size: a.block_size,
+        kv_cache_mib: a.kv_cache_mib,
+        reps: a.reps,
+    };
+    let threads = hromada_models::kernels::pool().current_num_threads();
+    println!("| KV cache | seqs x context | layers | threads | best ms/step | median ms/step | K/V GB/s |");
+    println!("|---|---|---|---|---|---|---|");
+    for name in a.kv_cache_dtype.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let kind: hromada_serve::paged::KvCacheDType = name.parse().map_err(anyhow::Error::msg)?;
+        let r = run(kind, &cfg).map_err(anyhow::Error::msg).with_context(|| format!("bench attention ({name})"))?;
+        println!("| {} | {} x {} | {} | {threads} | {:.3} | {:.3} | {:.1} |", r.kv_cache_dtype, a.seqs, a.context, a.layers, r.best_ms, r.median_ms, r.gb_per_s);
+    }
     Ok(())
 }
 

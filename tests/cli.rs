@@ -256,3 +256,26 @@ fn gemma3_chat_generates_ukrainian() {
     let (share, uk) = ukrainian_letters(&text);
     assert!(share > 0.8 && uk && text.chars().filter(|c| c.is_alphabetic()).count() >= 20, "{share:.2}: {text}");
 }
+
+#[test]
+fn bench_attention_prints_a_row_per_cache_type_and_names_bad_input() {
+    let out = bin()
+        .args(["bench", "attention", "--kv-cache-dtype", "f32,f16,q8", "--layers", "2", "--seqs", "3", "--context", "40", "--kv-cache-mib", "4", "--reps", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for kind in ["f32", "f16", "q8"] {
+        let row = stdout.lines().find(|l| l.starts_with(&format!("| {kind} |"))).unwrap_or_else(|| panic!("no {kind} row in:\n{stdout}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[2], "3 x 40", "{row}");
+        let best: f64 = cells[5].parse().unwrap();
+        assert!(best > 0.0, "{row}");
+    }
+    let bad = bin().args(["bench", "attention", "--kv-cache-dtype", "bf8,f16"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown KV cache dtype `bf8`"));
+    let small = bin().args(["bench", "attention", "--context", "100000", "--kv-cache-mib", "8"]).output().unwrap();
+    assert!(!small.status.success());
+    assert!(String::from_utf8_lossy(&small.stderr).contains("raise --kv-cache-mib"));
+}

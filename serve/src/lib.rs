@@ -8,6 +8,7 @@
 //!   scheduled sequence.
 pub mod api;
 pub mod bench;
+pub mod bench_attention;
 pub mod block_manager;
 pub mod engine;
 pub mod paged;
