@@ -371,6 +371,9 @@ struct BenchAttentionArgs {
     kv_cache_mib: usize,
     #[arg(long, default_value_t = 20)]
     reps: usize,
+    /// Each sequence's blocks side by side in memory instead of scattered.
+    #[arg(long)]
+    contiguous: bool,
 }
 
 #[derive(Args)]
@@ -729,14 +732,16 @@ fn bench_attention(a: BenchAttentionArgs) -> Result<()> {
         block_size: a.block_size,
         kv_cache_mib: a.kv_cache_mib,
         reps: a.reps,
+        contiguous: a.contiguous,
     };
     let threads = hromada_models::kernels::pool().current_num_threads();
-    println!("| KV cache | seqs x context | layers | threads | best ms/step | median ms/step | K/V GB/s |");
-    println!("|---|---|---|---|---|---|---|");
+    let blocks = if a.contiguous { "contiguous" } else { "scattered" };
+    println!("| KV cache | seqs x context | layers | threads | blocks | best ms/step | median ms/step | K/V GB/s |");
+    println!("|---|---|---|---|---|---|---|---|");
     for name in a.kv_cache_dtype.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let kind: hromada_serve::paged::KvCacheDType = name.parse().map_err(anyhow::Error::msg)?;
         let r = run(kind, &cfg).map_err(anyhow::Error::msg).with_context(|| format!("bench attention ({name})"))?;
-        println!("| {} | {} x {} | {} | {threads} | {:.3} | {:.3} | {:.1} |", r.kv_cache_dtype, a.seqs, a.context, a.layers, r.best_ms, r.median_ms, r.gb_per_s);
+        println!("| {} | {} x {} | {} | {threads} | {blocks} | {:.3} | {:.3} | {:.1} |", r.kv_cache_dtype, a.seqs, a.context, a.layers, r.best_ms, r.median_ms, r.gb_per_s);
     }
     Ok(())
 }

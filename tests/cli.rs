@@ -269,7 +269,8 @@ fn bench_attention_prints_a_row_per_cache_type_and_names_bad_input() {
         let row = stdout.lines().find(|l| l.starts_with(&format!("| {kind} |"))).unwrap_or_else(|| panic!("no {kind} row in:\n{stdout}"));
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         assert_eq!(cells[2], "3 x 40", "{row}");
-        let best: f64 = cells[5].parse().unwrap();
+        assert_eq!(cells[5], "scattered", "{row}");
+        let best: f64 = cells[6].parse().unwrap();
         assert!(best > 0.0, "{row}");
     }
     let bad = bin().args(["bench", "attention", "--kv-cache-dtype", "bf8,f16"]).output().unwrap();

@@ -6,6 +6,7 @@
 //! server's own attention (`PagedBatch::attend`: write the new K/V, then attend) for
 //! every layer, on the compute pool, as a decode step does. Reports the best and median
 //! step time and the K/V bytes read per second. The defaults are SmolLM2-135M's shape.
+//! `contiguous` lays each sequence's blocks side by side instead.
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -25,11 +26,14 @@ pub struct AttnBenchConfig {
     pub block_size: usize,
     pub kv_cache_mib: usize,
     pub reps: usize,
+    /// Each sequence's blocks consecutive (as an allocator that kept a sequence's blocks
+    /// together would leave them) instead of scattered.
+    pub contiguous: bool,
 }
 
 impl Default for AttnBenchConfig {
     fn default() -> Self {
-        Self { layers: 30, n_heads: 9, n_kv_heads: 3, head_dim: 64, seqs: 16, context: 160, block_size: 16, kv_cache_mib: 512, reps: 20 }
+        Self { layers: 30, n_heads: 9, n_kv_heads: 3, head_dim: 64, seqs: 16, context: 160, block_size: 16, kv_cache_mib: 512, reps: 20, contiguous: false }
     }
 }
 
@@ -60,10 +64,11 @@ pub fn run(kind: KvCacheDType, cfg: &AttnBenchConfig) -> Result<AttnBenchResult,
     if per_seq * c.seqs > num_blocks {
         return Err(format!("{} sequences of {} tokens need {} blocks; {} MiB holds {num_blocks} (raise --kv-cache-mib)", c.seqs, c.context + 1, per_seq * c.seqs, c.kv_cache_mib));
     }
-    // Scatter: a fixed permutation of all blocks (xorshift), each sequence a run of it.
+    // Scatter: a fixed permutation of all blocks (xorshift), each sequence a run of it;
+    // `contiguous`: the identity, each sequence's blocks consecutive in memory.
     let mut perm: Vec<u32> = (0..num_blocks as u32).collect();
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for i in (1..perm.len()).rev() {
+    for i in (1..if c.contiguous { 0 } else { perm.len() }).rev() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -127,8 +132,10 @@ mod tests {
     fn runs_every_cache_type_and_refuses_a_cache_too_small() {
         let cfg = AttnBenchConfig { layers: 2, seqs: 3, context: 40, kv_cache_mib: 4, reps: 2, ..Default::default() };
         for kind in [KvCacheDType::F32, KvCacheDType::F16, KvCacheDType::Q8] {
-            let r = run(kind, &cfg).unwrap();
-            assert!(r.best_ms > 0.0 && r.best_ms <= r.median_ms && r.gb_per_s > 0.0, "{r:?}");
+            for contiguous in [false, true] {
+                let r = run(kind, &AttnBenchConfig { contiguous, ..cfg.clone() }).unwrap();
+                assert!(r.best_ms > 0.0 && r.best_ms <= r.median_ms && r.gb_per_s > 0.0, "{r:?}");
+            }
         }
         let small = AttnBenchConfig { kv_cache_mib: 1, context: 4000, ..cfg.clone() };
         assert!(run(KvCacheDType::F16, &small).unwrap_err().contains("raise --kv-cache-mib"));
