@@ -59,20 +59,24 @@ pub fn run(kind: KvCacheDType, cfg: &AttnBenchConfig) -> Result<AttnBenchResult,
         return Err(format!("bad shape: {c:?} (layers, seqs, reps, block size, head dim and K/V heads > 0; heads a multiple of K/V heads)"));
     }
     let row = PagedKv::cpu_row_bytes(kind, c.head_dim);
-    let num_blocks = PagedKv::blocks_for_budget(c.kv_cache_mib << 20, c.layers, c.block_size, c.n_kv_heads, row);
-    let per_seq = (c.context + 1).div_ceil(c.block_size);
-    if per_seq * c.seqs > num_blocks {
-        return Err(format!("{} sequences of {} tokens need {} blocks; {} MiB holds {num_blocks} (raise --kv-cache-mib)", c.seqs, c.context + 1, per_seq * c.seqs, c.kv_cache_mib));
+    let budget = c.kv_cache_mib.checked_mul(1 << 20).ok_or_else(|| format!("--kv-cache-mib {} is too large", c.kv_cache_mib))?;
+    let num_blocks = PagedKv::blocks_for_budget(budget, c.layers, c.block_size, c.n_kv_heads, row);
+    let need = c.context.saturating_add(1).div_ceil(c.block_size).saturating_mul(c.seqs);
+    if need > num_blocks {
+        return Err(format!("{} sequences of {} tokens need {need} blocks; {} MiB holds {num_blocks} (raise --kv-cache-mib)", c.seqs, c.context.saturating_add(1), c.kv_cache_mib));
     }
+    let per_seq = need / c.seqs;
     // Scatter: a fixed permutation of all blocks (xorshift), each sequence a run of it;
     // `contiguous`: the identity, each sequence's blocks consecutive in memory.
     let mut perm: Vec<u32> = (0..num_blocks as u32).collect();
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for i in (1..if c.contiguous { 0 } else { perm.len() }).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        perm.swap(i, (x % (i as u64 + 1)) as usize);
+    if !c.contiguous {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for i in (1..perm.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            perm.swap(i, (x % (i as u64 + 1)) as usize);
+        }
     }
     let seqs: Vec<BatchSeq> = (0..c.seqs).map(|s| BatchSeq { start: c.context, len: 1, table: perm[s * per_seq..(s + 1) * per_seq].to_vec() }).collect();
     let mut kv = PagedKv::new_cpu(kind, c.layers, num_blocks, c.block_size, c.n_kv_heads, c.head_dim);
@@ -83,30 +87,23 @@ pub fn run(kind: KvCacheDType, cfg: &AttnBenchConfig) -> Result<AttnBenchResult,
     let k = Tensor::from_vec(vals(c.seqs * c.n_kv_heads * c.head_dim, 2), (c.seqs, c.n_kv_heads, c.head_dim), &dev).map_err(err)?;
     let v = Tensor::from_vec(vals(c.seqs * c.n_kv_heads * c.head_dim, 3), (c.seqs, c.n_kv_heads, c.head_dim), &dev).map_err(err)?;
     let params = AttnParams { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, scale: 1.0 / (c.head_dim as f64).sqrt(), sliding_window: None, softcap: None };
+    // Every layer's attention for one batch, on the compute pool as the engine runs it.
+    let mut attend_all = |batch: Vec<BatchSeq>, q: &Tensor, k: &Tensor, v: &Tensor| {
+        hromada_models::kernels::pool().install(|| {
+            let mut batch = PagedBatch::new(&mut kv, batch);
+            (0..c.layers).try_for_each(|layer| batch.attend(layer, q, k, v, &params).map(drop)).map_err(err)
+        })
+    };
     // Fill every sequence's blocks first, through the same path (a prefill): blocks never
     // written would be the kernel's shared zero page and read from cache.
-    {
-        let n = c.seqs * (c.context + 1);
-        let t = |h: usize, salt: usize| Tensor::from_vec(vals(n * h * c.head_dim, salt), (n, h, c.head_dim), &dev);
-        let (pq, pk, pv) = (t(c.n_heads, 4).map_err(err)?, t(c.n_kv_heads, 5).map_err(err)?, t(c.n_kv_heads, 6).map_err(err)?);
-        let prefill: Vec<BatchSeq> = seqs.iter().map(|s| BatchSeq { start: 0, len: c.context + 1, table: s.table.clone() }).collect();
-        hromada_models::kernels::pool().install(|| {
-            let mut batch = PagedBatch::new(&mut kv, prefill);
-            for layer in 0..c.layers {
-                batch.attend(layer, &pq, &pk, &pv, &params).map_err(err)?;
-            }
-            Ok::<(), String>(())
-        })?;
-    }
+    let n = c.seqs * (c.context + 1);
+    let t = |h: usize, salt: usize| Tensor::from_vec(vals(n * h * c.head_dim, salt), (n, h, c.head_dim), &dev);
+    let (pq, pk, pv) = (t(c.n_heads, 4).map_err(err)?, t(c.n_kv_heads, 5).map_err(err)?, t(c.n_kv_heads, 6).map_err(err)?);
+    let prefill: Vec<BatchSeq> = seqs.iter().map(|s| BatchSeq { start: 0, len: c.context + 1, table: s.table.clone() }).collect();
+    attend_all(prefill, &pq, &pk, &pv)?;
     let mut step = || -> Result<f64, String> {
         let t = Instant::now();
-        hromada_models::kernels::pool().install(|| {
-            let mut batch = PagedBatch::new(&mut kv, seqs.clone());
-            for layer in 0..c.layers {
-                batch.attend(layer, &q, &k, &v, &params).map_err(err)?;
-            }
-            Ok::<(), String>(())
-        })?;
+        attend_all(seqs.clone(), &q, &k, &v)?;
         Ok(t.elapsed().as_secs_f64())
     };
     step()?;

@@ -100,7 +100,7 @@ impl PagedKv {
         let n = num_blocks * block_size * n_kv * head_dim;
         let store = || match kind {
             KvCacheDType::F16 => CpuStore::F16(vec![f16::ZERO; n]),
-            KvCacheDType::Q8 => CpuStore::Q8(vec![0i8; n], vec![0f32; num_blocks * block_size * n_kv]),
+            KvCacheDType::Q8 => CpuStore::Q8(vec![0i8; n], vec![0f32; PagedLayout { block_size, n_kv, head_dim }.scales_len(num_blocks)]),
             _ => CpuStore::F32(vec![0f32; n]),
         };
         Self {
@@ -118,9 +118,9 @@ impl PagedKv {
     /// The blocks on `device`: host memory for the CPU, device memory for a GPU (in bf16
     /// when the model computes in bf16 or f16).
     pub fn new(layers: usize, num_blocks: usize, block_size: usize, n_kv: usize, head_dim: usize, device: &Device, dtype: DType) -> Result<Self> {
-        let n = num_blocks * block_size * n_kv * head_dim;
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = device {
+            let n = num_blocks * block_size * n_kv * head_dim;
             if head_dim > crate::paged_cuda::MAX_HEAD_DIM {
                 candle_core::bail!("head dim {head_dim} is above the GPU attention kernel's {}", crate::paged_cuda::MAX_HEAD_DIM);
             }
@@ -132,16 +132,7 @@ impl PagedKv {
         if !device.is_cpu() {
             candle_core::bail!("the paged K/V cache runs on the CPU or a CUDA GPU, not {device:?}");
         }
-        Ok(Self {
-            block_size,
-            num_blocks,
-            n_kv,
-            head_dim,
-            k: (0..layers).map(|_| CpuStore::F32(vec![0f32; n])).collect(),
-            v: (0..layers).map(|_| CpuStore::F32(vec![0f32; n])).collect(),
-            #[cfg(feature = "cuda")]
-            gpu: None,
-        })
+        Ok(Self::new_cpu(KvCacheDType::F32, layers, num_blocks, block_size, n_kv, head_dim))
     }
 
     /// How many blocks fit in `bytes` (K and V, all layers, `row_bytes` per (slot, K/V

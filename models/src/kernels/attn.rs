@@ -384,12 +384,12 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
                 }
                 i += 2;
             }
+            let mut sc = scale;
+            if let (true, Some(s)) = (E::IS_I8, scales) {
+                // The 16 slots' key scales, contiguous in the block.
+                sc = _mm512_mul_ps(sc, _mm512_loadu_ps(s.k.as_ptr().add(layout.key_scale_index(table[blk] as usize * bs + c, g))));
+            }
             for (h, a) in acc.iter().enumerate() {
-                let mut sc = scale;
-                if let (true, Some(s)) = (E::IS_I8, scales) {
-                    // The 16 slots' key scales, contiguous in the block.
-                    sc = _mm512_mul_ps(sc, _mm512_loadu_ps(s.k.as_ptr().add(((table[blk] as usize) * layout.n_kv + g) * bs + c)));
-                }
                 _mm512_storeu_ps(sp.add(h * len + (blk - b0) * bs + c), _mm512_mul_ps(_mm512_add_ps(a[0], a[1]), sc));
             }
         }
@@ -496,7 +496,7 @@ unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Opt
             }
             let mut sc = scale;
             if let (true, Some(s)) = (E::IS_I8, scales) {
-                sc = _mm256_mul_ps(sc, _mm256_loadu_ps(s.k.as_ptr().add(((table[blk] as usize) * layout.n_kv + g) * bs + c)));
+                sc = _mm256_mul_ps(sc, _mm256_loadu_ps(s.k.as_ptr().add(layout.key_scale_index(table[blk] as usize * bs + c, g))));
             }
             _mm256_storeu_ps(sp.add((blk - b0) * bs + c), _mm256_mul_ps(_mm256_add_ps(a0, a1), sc));
         }
