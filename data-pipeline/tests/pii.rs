@@ -10,8 +10,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod common;
+
+/// ../shared/data/uk (`HROMADA_SHARED` overrides ../shared).
 fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/uk")
+    common::shared_data().join("uk")
 }
 
 fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {

@@ -12,11 +12,13 @@ use hromada_data::steps::quality::{Quality, QualityConfig};
 use hromada_data::steps::{Step, Verdict};
 use hromada_data::{Document, StepStats};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
+mod common;
+
 fn brown_uk() -> Vec<(String, String)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/uk/brown-uk/data/good");
+    let dir = common::shared_data().join("uk/brown-uk/data/good");
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
