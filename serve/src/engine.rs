@@ -155,6 +155,7 @@ impl Engine {
         );
         let mut seq = Sequence::new(id, prompt);
         seq.no_prefix_cache = prompt_logprobs.is_some();
+        seq.expected_len = seq.prompt_len + max_new;
         self.sched.add(seq);
         Ok(())
     }

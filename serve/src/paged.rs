@@ -100,7 +100,7 @@ impl PagedKv {
         let n = num_blocks * block_size * n_kv * head_dim;
         let store = || match kind {
             KvCacheDType::F16 => CpuStore::F16(vec![f16::ZERO; n]),
-            KvCacheDType::Q8 => CpuStore::Q8(vec![0i8; n], vec![0f32; PagedLayout { block_size, n_kv, head_dim }.scales_len(num_blocks)]),
+            KvCacheDType::Q8 => CpuStore::Q8(vec![0i8; n], vec![0f32; PagedLayout { block_size, n_kv, head_dim, num_blocks }.scales_len()]),
             _ => CpuStore::F32(vec![0f32; n]),
         };
         Self {
@@ -172,7 +172,7 @@ impl<'a> PagedBatch<'a> {
 
     fn slot(&self, s: &BatchSeq, pos: usize) -> Option<usize> {
         let bs = self.kv.block_size;
-        s.table.get(pos / bs).map(|&b| b as usize * bs + pos % bs)
+        s.table.get(pos / bs).filter(|&&b| (b as usize) < self.kv.num_blocks).map(|&b| b as usize * bs + pos % bs)
     }
 }
 
@@ -206,7 +206,7 @@ impl KvCache for PagedBatch<'_> {
         let vv_new = v.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let row = n_kv * d;
         // Write the new keys/values into their slots; map each token to (seq, position).
-        let layout = PagedLayout { block_size: self.kv.block_size, n_kv, head_dim: d };
+        let layout = PagedLayout { block_size: self.kv.block_size, n_kv, head_dim: d, num_blocks: self.kv.num_blocks };
         let mut tok = Vec::with_capacity(n);
         let mut t = 0;
         for (si, s) in self.seqs.iter().enumerate() {

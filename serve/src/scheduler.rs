@@ -40,12 +40,15 @@ pub struct Sequence {
     pub preemptions: u32,
     /// Compute every prompt position (no prefix-cache reuse): prompt log-probs need them.
     pub no_prefix_cache: bool,
+    /// Tokens the sequence may reach (prompt plus its token limit): the block manager
+    /// keeps room for them next to its blocks.
+    pub expected_len: usize,
 }
 
 impl Sequence {
     pub fn new(id: SeqId, prompt: Vec<u32>) -> Self {
         let prompt_len = prompt.len();
-        Self { id, tokens: prompt, prompt_len, computed: 0, table: vec![], cached_tokens: 0, preemptions: 0, no_prefix_cache: false }
+        Self { id, tokens: prompt, prompt_len, computed: 0, table: vec![], cached_tokens: 0, preemptions: 0, no_prefix_cache: false, expected_len: prompt_len }
     }
     pub fn in_prefill(&self) -> bool {
         self.computed + 1 < self.tokens.len()
@@ -136,7 +139,7 @@ impl Scheduler {
             // Make room, preempting the newest other sequences if needed.
             loop {
                 let Some(s) = self.seqs.get_mut(&id) else { break };
-                if blocks.grow(&mut s.table, start + len).is_ok() {
+                if blocks.grow_hinted(&mut s.table, start + len, s.expected_len).is_ok() {
                     budget -= len;
                     out.push(Scheduled { id, start, len, samples: start + len == s.tokens.len() });
                     i += 1;
@@ -167,7 +170,7 @@ impl Scheduler {
             }
             let start = s.computed;
             let len = (s.tokens.len() - start).min(budget);
-            if blocks.grow(&mut s.table, start + len).is_err() {
+            if blocks.grow_hinted(&mut s.table, start + len, s.expected_len).is_err() {
                 // Not enough blocks now: give back what it took and wait (the engine
                 // rejects prompts larger than the whole cache at admission).
                 let t = std::mem::take(&mut s.table);

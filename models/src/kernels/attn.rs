@@ -1,9 +1,12 @@
 //! Attention of one token's query heads over its sequence's keys and values in a paged
 //! store: the inner loop of the server's CPU attention.
 //!
-//! Layout (per layer): keys are stored *transposed within a block*, `[block][kv_head]
-//! [head_dim][block_size]`, so the keys of 16 consecutive slots for one dimension are
-//! contiguous; values are stored row-wise, `[block][slot][kv_head][head_dim]`. Scores then
+//! Layout (per layer): each K/V head has its own region, and in it a sequence's blocks
+//! (consecutive when the block manager could keep them together) follow each other, so
+//! one (token, K/V head) reads two sequential streams. Keys are stored *transposed
+//! within a block*, `[kv_head][block][head_dim][block_size]`, so the keys of 16
+//! consecutive slots for one dimension are contiguous; values are stored row-wise,
+//! `[kv_head][block][slot][head_dim]`. Scores then
 //! need no horizontal sums: for 16 keys at once, `s += q[i] · K[i][0..16]` over the head
 //! dimension (one FMA per dimension per 16 keys, the query value broadcast), and each of
 //! the group's query heads (the heads sharing a K/V head) reuses the loaded keys. The
@@ -35,34 +38,45 @@ pub struct PagedLayout {
     pub block_size: usize,
     pub n_kv: usize,
     pub head_dim: usize,
+    /// Blocks in the store (per layer).
+    pub num_blocks: usize,
 }
 
 impl PagedLayout {
+    /// Index of the first key of block `b`, K/V head `g` (`head_dim · block_size` keys,
+    /// dimension-major).
+    pub fn key_block(&self, b: usize, g: usize) -> usize {
+        (g * self.num_blocks + b) * self.head_dim * self.block_size
+    }
     /// Index of key `(slot, kv head, dim)`.
     pub fn key_index(&self, slot: usize, g: usize, i: usize) -> usize {
         let (b, t) = (slot / self.block_size, slot % self.block_size);
-        ((b * self.n_kv + g) * self.head_dim + i) * self.block_size + t
+        self.key_block(b, g) + i * self.block_size + t
     }
-    /// Index of the first value of `(slot, kv head)`.
+    /// Index of the first value of `(slot, kv head)`; a head's rows follow each other.
     pub fn value_index(&self, slot: usize, g: usize) -> usize {
-        (slot * self.n_kv + g) * self.head_dim
+        (g * self.num_blocks * self.block_size + slot) * self.head_dim
     }
-    /// Index of the scale of key row `(slot, kv head)` in an 8-bit store.
+    /// Index of the scale of key row `(slot, kv head)` in an 8-bit store (a block's
+    /// slots contiguous).
     pub fn key_scale_index(&self, slot: usize, g: usize) -> usize {
-        let (b, t) = (slot / self.block_size, slot % self.block_size);
-        (b * self.n_kv + g) * self.block_size + t
+        g * self.num_blocks * self.block_size + slot
     }
     /// Index of the scale of value row `(slot, kv head)` in an 8-bit store.
     pub fn value_scale_index(&self, slot: usize, g: usize) -> usize {
-        slot * self.n_kv + g
+        g * self.num_blocks * self.block_size + slot
     }
-    /// Scales per layer (keys or values) of an 8-bit store of `num_blocks` blocks.
-    pub fn scales_len(&self, num_blocks: usize) -> usize {
-        num_blocks * self.block_size * self.n_kv
+    /// Scales per layer (keys or values) of an 8-bit store.
+    pub fn scales_len(&self) -> usize {
+        self.num_blocks * self.block_size * self.n_kv
     }
-    /// Values per layer for `num_blocks` blocks (the same for keys and values).
-    pub fn len(&self, num_blocks: usize) -> usize {
-        num_blocks * self.block_size * self.n_kv * self.head_dim
+    /// Values per layer (the same for keys and values).
+    pub fn len(&self) -> usize {
+        self.num_blocks * self.block_size * self.n_kv * self.head_dim
+    }
+    /// Whether the store holds no block.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -166,9 +180,11 @@ pub fn write_kv<E: KvElem>(keys: &mut [E], values: &mut [E], layout: &PagedLayou
     let d = layout.head_dim;
     let bs = layout.block_size;
     let row = layout.n_kv * d;
-    // Values: one contiguous row per slot (all K/V heads).
-    let v0 = layout.value_index(slot, 0);
-    E::convert_slice(&v[..row], &mut values[v0..v0 + row]);
+    // Values: one contiguous row per (slot, K/V head).
+    for (g, vg) in v[..row].chunks(d).enumerate() {
+        let v0 = layout.value_index(slot, g);
+        E::convert_slice(vg, &mut values[v0..v0 + d]);
+    }
     // Keys: converted once, then scattered into the transposed block layout.
     let mut kc = [E::default(); 1024];
     for (g, kg) in k[..row].chunks(d).enumerate() {
@@ -199,6 +215,16 @@ pub fn attend_paged<E: KvElem>(qs: &[f32], keys: &[E], values: &[E], scales: Opt
     debug_assert!(spec.head_dim == d && qs.len() % d == 0 && out.len() == qs.len());
     if first > last || last / layout.block_size >= table.len() {
         out.fill(0.0);
+        return;
+    }
+    // The kernels read through raw pointers: every block they visit must lie inside the
+    // stores (a table from elsewhere than the block manager gets NaN, never a wild read).
+    let inside = keys.len() >= layout.len()
+        && values.len() >= layout.len()
+        && scales.is_none_or(|s| s.k.len() >= layout.scales_len() && s.v.len() >= layout.scales_len())
+        && table[first / layout.block_size..=last / layout.block_size].iter().all(|&b| (b as usize) < layout.num_blocks);
+    if !inside {
+        out.fill(f32::NAN);
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -364,10 +390,10 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
     // computed and ignored).
     let kbytes = d * bs * std::mem::size_of::<E>();
     for blk in b0..=b1 {
-        let kb = kp.add(((table[blk] as usize) * layout.n_kv + g) * d * bs);
+        let kb = kp.add(layout.key_block(table[blk] as usize, g));
         // The next block's keys are elsewhere in memory: start fetching them now.
         if blk < b1 {
-            let next = kp.add(((table[blk + 1] as usize) * layout.n_kv + g) * d * bs) as *const i8;
+            let next = kp.add(layout.key_block(table[blk + 1] as usize, g)) as *const i8;
             for off in (0..kbytes).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(next.add(off));
             }
@@ -425,7 +451,7 @@ unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], sca
     let sp = scores.as_ptr();
     let mut acc = [[_mm512_setzero_ps(); CN]; G];
     let bs = layout.block_size;
-    let step = layout.n_kv * d;
+    let step = d;
     let vbytes = CN * 16 * std::mem::size_of::<E>();
     for blk in first / bs..=last / bs {
         let (j0, j1) = ((blk * bs).max(first), (blk * bs + bs - 1).min(last));
@@ -485,7 +511,7 @@ unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Opt
     let kp = keys.as_ptr();
     let scale = _mm256_set1_ps(spec.scale);
     for blk in b0..=b1 {
-        let kb = kp.add(((table[blk] as usize) * layout.n_kv + g) * d * bs);
+        let kb = kp.add(layout.key_block(table[blk] as usize, g));
         for c in (0..bs).step_by(8) {
             let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let mut i = 0;
@@ -508,7 +534,7 @@ unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Opt
     while c0 < d {
         let cn = ((d - c0) / 8).min(4);
         let mut acc = [_mm256_setzero_ps(); 4];
-        let step = layout.n_kv * d;
+        let step = d;
         for blk in first / bs..=last / bs {
             let (j0, j1) = ((blk * bs).max(first), (blk * bs + bs - 1).min(last));
             let mut row = vp.add(layout.value_index(table[blk] as usize * bs + j0 % bs, g) + c0);
@@ -574,14 +600,14 @@ mod tests {
             (24, 1, 2, 4, 2, 9, None),
         ];
         for &(d, n_kv, gh, bs, first, last, cap) in &cases {
-            let layout = PagedLayout { block_size: bs, n_kv, head_dim: d };
             let nblocks = last / bs + 3;
+            let layout = PagedLayout { block_size: bs, n_kv, head_dim: d, num_blocks: nblocks };
             // Out-of-order physical blocks, as a block manager hands them out.
             let table: Vec<u32> = (0..=last / bs).map(|b| ((b * 7 + 2) % nblocks) as u32).collect();
-            let total = layout.len(nblocks);
+            let total = layout.len();
             let mut keys = vec![E::from_f32(9.0); total];
             let mut values = vec![E::from_f32(-9.0); total];
-            let (mut ks, mut vs) = (vec![7f32; layout.scales_len(nblocks)], vec![7f32; layout.scales_len(nblocks)]);
+            let (mut ks, mut vs) = (vec![7f32; layout.scales_len()], vec![7f32; layout.scales_len()]);
             let mut kref = vec![vec![vec![0f32; d]; last + 1]; n_kv];
             let mut vref = kref.clone();
             for j in 0..=last {
@@ -649,11 +675,27 @@ mod tests {
     /// An 8-bit store without its scales is refused (NaN out), never read unscaled.
     #[test]
     fn eight_bit_store_needs_its_scales() {
-        let layout = PagedLayout { block_size: 16, n_kv: 1, head_dim: 16 };
-        let (k, v) = (vec![1i8; layout.len(1)], vec![1i8; layout.len(1)]);
+        let layout = PagedLayout { block_size: 16, n_kv: 1, head_dim: 16, num_blocks: 1 };
+        let (k, v) = (vec![1i8; layout.len()], vec![1i8; layout.len()]);
         let mut out = vec![0f32; 16];
         let spec = RowSpec { head_dim: 16, scale: 0.25, softcap: None };
         attend_paged(&[0.5f32; 16], &k, &v, None, &layout, 0, &[0], 0, 3, spec, &mut Vec::new(), &mut out);
+        assert!(out.iter().all(|x| x.is_nan()));
+    }
+
+    /// A block id outside the store, or a store shorter than its layout, gives NaN
+    /// instead of a read out of bounds.
+    #[test]
+    fn blocks_outside_the_store_are_refused() {
+        let layout = PagedLayout { block_size: 16, n_kv: 1, head_dim: 16, num_blocks: 2 };
+        let (k, v) = (vec![0.5f32; layout.len()], vec![0.5f32; layout.len()]);
+        let spec = RowSpec { head_dim: 16, scale: 0.25, softcap: None };
+        let mut out = vec![0f32; 16];
+        attend_paged(&[0.5f32; 16], &k, &v, None, &layout, 0, &[1, 0], 0, 20, spec, &mut Vec::new(), &mut out);
+        assert!(out.iter().all(|x| (x - 0.5).abs() < 1e-6), "{out:?}");
+        attend_paged(&[0.5f32; 16], &k, &v, None, &layout, 0, &[1, 2], 0, 20, spec, &mut Vec::new(), &mut out);
+        assert!(out.iter().all(|x| x.is_nan()));
+        attend_paged(&[0.5f32; 16], &k[..100], &v, None, &layout, 0, &[0], 0, 3, spec, &mut Vec::new(), &mut out);
         assert!(out.iter().all(|x| x.is_nan()));
     }
 }
