@@ -410,7 +410,7 @@ mod tests {
                 }
                 _ => {}
             }
-            let mut seen = vec![false; 200];
+            let mut seen = [false; 200];
             for (t, tokens, _) in &live {
                 assert_eq!(t.len(), tokens.div_ceil(16));
                 for &b in t {
