@@ -10,7 +10,7 @@ scripts/setup.sh
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 cargo build --bins
 cargo test --workspace
-HROMADA_BIN="$PWD/target/debug/hromada" .venv/bin/python -m pytest -q tests/python
+HROMADA_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/hromada" .venv/bin/python -m pytest -q tests/python
 # The CUDA code compiles (no GPU here): the pip CUDA 13.0 toolchain, then a check of every
 # crate and test with `--features cuda` in target/cuda (candle's kernels: ~15 min on 2 cores
 # the first time). HROMADA_SKIP_CUDA_CHECK=1 skips it for a quick local run.

@@ -109,7 +109,7 @@ impl Engine {
         };
         Ok(Self {
             kv,
-            blocks: BlockManager::new(num_blocks, cfg.block_size),
+            blocks: BlockManager::new(num_blocks, cfg.block_size).with_contiguous(device.is_cpu()),
             sched: Scheduler::new(cfg.scheduler),
             states: HashMap::new(),
             model,
