@@ -112,11 +112,22 @@ impl BlockManager {
         b < self.num_blocks && self.ref_count[b] == 0
     }
 
-    /// Take free block `b`: its cached content (if any) is dropped.
-    fn take(&mut self, b: BlockId) {
+    /// The least recently freed block.
+    fn oldest_free(&self) -> Option<BlockId> {
+        self.free.first().map(|&(_, b)| b)
+    }
+
+    /// Free block `b` leaves the free set (and any reservation).
+    fn unfree(&mut self, b: BlockId) {
         let i = b as usize;
         self.free.remove(&(self.freed_at[i], b));
         self.reserved[i] = false;
+    }
+
+    /// Take free block `b`: its cached content (if any) is dropped.
+    fn take(&mut self, b: BlockId) {
+        let i = b as usize;
+        self.unfree(b);
         if let Some(h) = self.hash_of[i].take() {
             if self.cached.get(&h) == Some(&b) {
                 self.cached.remove(&h);
@@ -151,7 +162,7 @@ impl BlockManager {
         }
         match fit.or(longest) {
             Some((_, s)) => Some(s as BlockId),
-            None => self.free.first().map(|&(_, b)| b),
+            None => self.oldest_free(),
         }
     }
 
@@ -174,8 +185,7 @@ impl BlockManager {
                 Some(b) => {
                     let i = b as usize;
                     if self.ref_count[i] == 0 {
-                        self.free.remove(&(self.freed_at[i], b));
-                        self.reserved[i] = false;
+                        self.unfree(b);
                     }
                     self.ref_count[i] += 1;
                     alloc.table.push(b);
@@ -207,8 +217,8 @@ impl BlockManager {
             let next = table.last().map(|&b| b as usize + 1).filter(|&n| self.contiguous && self.is_free(n));
             let b = match next {
                 Some(n) => n as BlockId,
-                None if !self.contiguous => match self.free.first() {
-                    Some(&(_, b)) => b,
+                None if !self.contiguous => match self.oldest_free() {
+                    Some(b) => b,
                     None => break,
                 },
                 None => {

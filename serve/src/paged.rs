@@ -97,10 +97,11 @@ impl PagedKv {
 
     /// A CPU cache of f16 (`kind` F16) or 8-bit (Q8) values; f32 otherwise.
     pub fn new_cpu(kind: KvCacheDType, layers: usize, num_blocks: usize, block_size: usize, n_kv: usize, head_dim: usize) -> Self {
-        let n = num_blocks * block_size * n_kv * head_dim;
+        let layout = PagedLayout { block_size, n_kv, head_dim, num_blocks };
+        let n = layout.len();
         let store = || match kind {
             KvCacheDType::F16 => CpuStore::F16(vec![f16::ZERO; n]),
-            KvCacheDType::Q8 => CpuStore::Q8(vec![0i8; n], vec![0f32; PagedLayout { block_size, n_kv, head_dim, num_blocks }.scales_len()]),
+            KvCacheDType::Q8 => CpuStore::Q8(vec![0i8; n], vec![0f32; layout.scales_len()]),
             _ => CpuStore::F32(vec![0f32; n]),
         };
         Self {
@@ -133,6 +134,11 @@ impl PagedKv {
             candle_core::bail!("the paged K/V cache runs on the CPU or a CUDA GPU, not {device:?}");
         }
         Ok(Self::new_cpu(KvCacheDType::F32, layers, num_blocks, block_size, n_kv, head_dim))
+    }
+
+    /// The shape of each layer's CPU stores.
+    pub fn layout(&self) -> PagedLayout {
+        PagedLayout { block_size: self.block_size, n_kv: self.n_kv, head_dim: self.head_dim, num_blocks: self.num_blocks }
     }
 
     /// How many blocks fit in `bytes` (K and V, all layers, `row_bytes` per (slot, K/V
@@ -206,7 +212,7 @@ impl KvCache for PagedBatch<'_> {
         let vv_new = v.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let row = n_kv * d;
         // Write the new keys/values into their slots; map each token to (seq, position).
-        let layout = PagedLayout { block_size: self.kv.block_size, n_kv, head_dim: d, num_blocks: self.kv.num_blocks };
+        let layout = self.kv.layout();
         let mut tok = Vec::with_capacity(n);
         let mut t = 0;
         for (si, s) in self.seqs.iter().enumerate() {

@@ -57,13 +57,9 @@ impl PagedLayout {
     pub fn value_index(&self, slot: usize, g: usize) -> usize {
         (g * self.num_blocks * self.block_size + slot) * self.head_dim
     }
-    /// Index of the scale of key row `(slot, kv head)` in an 8-bit store (a block's
-    /// slots contiguous).
-    pub fn key_scale_index(&self, slot: usize, g: usize) -> usize {
-        g * self.num_blocks * self.block_size + slot
-    }
-    /// Index of the scale of value row `(slot, kv head)` in an 8-bit store.
-    pub fn value_scale_index(&self, slot: usize, g: usize) -> usize {
+    /// Index of the scale of the key row, and of the value row, of `(slot, kv head)` in
+    /// an 8-bit store (each head's slots in order, so a block's 16 are contiguous).
+    pub fn scale_index(&self, slot: usize, g: usize) -> usize {
         g * self.num_blocks * self.block_size + slot
     }
     /// Scales per layer (keys or values) of an 8-bit store.
@@ -133,9 +129,8 @@ impl KvElem for i8 {
     }
 }
 
-/// The scales of an 8-bit store, one per (slot, K/V head): keys at
-/// [`PagedLayout::key_scale_index`] (a block's 16 slots contiguous), values at
-/// [`PagedLayout::value_scale_index`].
+/// The scales of an 8-bit store, one per (slot, K/V head), keys and values each at
+/// [`PagedLayout::scale_index`].
 #[derive(Debug, Clone, Copy)]
 pub struct Scales<'a> {
     pub k: &'a [f32],
@@ -160,14 +155,14 @@ pub fn write_kv_q8(keys: &mut [i8], key_scales: &mut [f32], values: &mut [i8], v
     for g in 0..layout.n_kv {
         let kg = &k[g * d..(g + 1) * d];
         let (sc, inv) = q8_scale(kg);
-        key_scales[layout.key_scale_index(slot, g)] = sc;
+        key_scales[layout.scale_index(slot, g)] = sc;
         let k0 = layout.key_index(slot, g, 0);
         for (i, &x) in kg.iter().enumerate() {
             keys[k0 + i * bs] = i8::from_f32(x * inv);
         }
         let vg = &v[g * d..(g + 1) * d];
         let (sc, inv) = q8_scale(vg);
-        value_scales[layout.value_scale_index(slot, g)] = sc;
+        value_scales[layout.scale_index(slot, g)] = sc;
         let v0 = layout.value_index(slot, g);
         for (o, &x) in values[v0..v0 + d].iter_mut().zip(vg) {
             *o = i8::from_f32(x * inv);
@@ -266,8 +261,8 @@ fn slot_of(layout: &PagedLayout, table: &[u32], j: usize) -> usize {
 
 #[allow(clippy::too_many_arguments)]
 fn paged_scalar<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let ks = |slot: usize| scales.map_or(1.0, |s| s.k[layout.key_scale_index(slot, g)]);
-    let vs = |slot: usize| scales.map_or(1.0, |s| s.v[layout.value_scale_index(slot, g)]);
+    let ks = |slot: usize| scales.map_or(1.0, |s| s.k[layout.scale_index(slot, g)]);
+    let vs = |slot: usize| scales.map_or(1.0, |s| s.v[layout.scale_index(slot, g)]);
     let d = layout.head_dim;
     scores.clear();
     out.fill(0.0);
@@ -413,7 +408,7 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
             let mut sc = scale;
             if let (true, Some(s)) = (E::IS_I8, scales) {
                 // The 16 slots' key scales, contiguous in the block.
-                sc = _mm512_mul_ps(sc, _mm512_loadu_ps(s.k.as_ptr().add(layout.key_scale_index(table[blk] as usize * bs + c, g))));
+                sc = _mm512_mul_ps(sc, _mm512_loadu_ps(s.k.as_ptr().add(layout.scale_index(table[blk] as usize * bs + c, g))));
             }
             for (h, a) in acc.iter().enumerate() {
                 _mm512_storeu_ps(sp.add(h * len + (blk - b0) * bs + c), _mm512_mul_ps(_mm512_add_ps(a[0], a[1]), sc));
@@ -473,7 +468,7 @@ unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], sca
             }
             // An 8-bit row's scale joins its weight (compiled out for f32 and f16).
             let w = match (E::IS_I8, scales) {
-                (true, Some(s)) => *s.v.get_unchecked(layout.value_scale_index(slot0 + j % bs, g)),
+                (true, Some(s)) => *s.v.get_unchecked(layout.scale_index(slot0 + j % bs, g)),
                 _ => 1.0,
             };
             for (h, a) in acc.iter_mut().enumerate() {
@@ -522,7 +517,7 @@ unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Opt
             }
             let mut sc = scale;
             if let (true, Some(s)) = (E::IS_I8, scales) {
-                sc = _mm256_mul_ps(sc, _mm256_loadu_ps(s.k.as_ptr().add(layout.key_scale_index(table[blk] as usize * bs + c, g))));
+                sc = _mm256_mul_ps(sc, _mm256_loadu_ps(s.k.as_ptr().add(layout.scale_index(table[blk] as usize * bs + c, g))));
             }
             _mm256_storeu_ps(sp.add((blk - b0) * bs + c), _mm256_mul_ps(_mm256_add_ps(a0, a1), sc));
         }
@@ -541,7 +536,7 @@ unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Opt
             let slot0 = table[blk] as usize * bs;
             for j in j0..=j1 {
                 let w = match (E::IS_I8, scales) {
-                    (true, Some(s)) => *s.v.get_unchecked(layout.value_scale_index(slot0 + j % bs, g)),
+                    (true, Some(s)) => *s.v.get_unchecked(layout.scale_index(slot0 + j % bs, g)),
                     _ => 1.0,
                 };
                 let p = _mm256_set1_ps(*sp.add(j - base) * w);
@@ -616,7 +611,7 @@ mod tests {
                 let slot = slot_of(&layout, &table, j);
                 write(&mut keys, &mut values, &mut ks, &mut vs, &layout, slot, &k, &v);
                 for g in 0..n_kv {
-                    let (kscale, vscale) = if E::IS_I8 { (ks[layout.key_scale_index(slot, g)], vs[layout.value_scale_index(slot, g)]) } else { (1.0, 1.0) };
+                    let (kscale, vscale) = if E::IS_I8 { (ks[layout.scale_index(slot, g)], vs[layout.scale_index(slot, g)]) } else { (1.0, 1.0) };
                     kref[g][j] = (0..d).map(|i| keys[layout.key_index(slot, g, i)].to_f32() * kscale).collect();
                     vref[g][j] = (0..d).map(|i| values[layout.value_index(slot, g) + i].to_f32() * vscale).collect();
                     for i in 0..d {
