@@ -342,6 +342,24 @@ enum BenchCmd {
     Train(BenchTrainArgs),
     /// The CPU paged attention of one decode step alone, per KV-cache element type.
     Attention(BenchAttentionArgs),
+    /// The CPU quantized matmul (Q4_1, Q8_0) alone, per kernel and row count.
+    Gemm(BenchGemmArgs),
+}
+
+#[derive(Args)]
+struct BenchGemmArgs {
+    /// Output columns (default: SmolLM2-135M's gate and up projections together).
+    #[arg(long, default_value_t = 3072)]
+    n: usize,
+    /// Reduction length (SmolLM2-135M's hidden size).
+    #[arg(long, default_value_t = 576)]
+    k: usize,
+    /// Comma-separated activation row counts (1: batch-1 decode; 16: a decode step of 16
+    /// sequences; 512: a prefill chunk).
+    #[arg(long, default_value = "1,4,16,64,512")]
+    rows: String,
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
 }
 
 #[derive(Args)]
@@ -539,6 +557,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Data(a)) => bench_data(a),
         Cmd::Bench(BenchCmd::Train(a)) => bench_train(a),
         Cmd::Bench(BenchCmd::Attention(a)) => bench_attention(a),
+        Cmd::Bench(BenchCmd::Gemm(a)) => {
+            let rows: Vec<usize> = a.rows.split(',').map(|r| r.trim().parse::<usize>().with_context(|| format!("--rows: {r:?} is not a row count"))).collect::<Result<_>>()?;
+            let threads = hromada_models::kernels::pool().current_num_threads();
+            println!("| format | kernel | rows | n x k | threads | best ms | median ms | G MAC/s |\n|---|---|---|---|---|---|---|---|");
+            for r in hromada_models::kernels::q4_1::bench(a.n, a.k, &rows, a.reps) {
+                println!("| {} | {} | {} | {} x {} | {threads} | {:.3} | {:.3} | {:.1} |", r.format, r.kernel, r.rows, a.n, a.k, r.best_ms, r.median_ms, r.gmacs);
+            }
+            Ok(())
+        }
         Cmd::Bench(BenchCmd::Fertility(a)) => {
             let rows = hromada_data::bench::fertility(&a.models, &a.input)?;
             println!("| tokenizer | vocab | docs | words | chars | tokens | tokens/word | chars/token |\n|---|---|---|---|---|---|---|---|");

@@ -19,11 +19,11 @@ fn shared() -> PathBuf {
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hromada-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+#[path = "support/tmpdir.rs"]
+mod tmpdir;
+
+fn tmpdir(name: &str) -> tmpdir::TmpDir {
+    tmpdir::tmpdir(&format!("cli-{name}"))
 }
 
 #[test]

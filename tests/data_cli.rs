@@ -15,11 +15,11 @@ fn shared() -> PathBuf {
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hromada-data-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+#[path = "support/tmpdir.rs"]
+mod tmpdir;
+
+fn tmpdir(name: &str) -> tmpdir::TmpDir {
+    tmpdir::tmpdir(&format!("data-cli-{name}"))
 }
 
 /// 240 brown-uk documents copied into `dir/in`.

@@ -10,11 +10,11 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hromada"))
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hromada-eval-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+#[path = "support/tmpdir.rs"]
+mod tmpdir;
+
+fn tmpdir(name: &str) -> tmpdir::TmpDir {
+    tmpdir::tmpdir(&format!("eval-cli-{name}"))
 }
 
 fn eval(args: &[&str]) -> std::process::Output {

@@ -17,11 +17,11 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hromada-train-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+#[path = "support/tmpdir.rs"]
+mod tmpdir;
+
+fn tmpdir(name: &str) -> tmpdir::TmpDir {
+    tmpdir::tmpdir(&format!("train-cli-{name}"))
 }
 
 /// The Ukrainian chat SFT set built from the legal acts (scripts/make_sft_uk.py).

@@ -16,7 +16,7 @@ fn load_err(p: &Path) -> String {
 }
 
 /// A tiny Llama HF directory with random weights and the real SmolLM2 tokenizer.
-fn tiny_dir(name: &str) -> std::path::PathBuf {
+fn tiny_dir(name: &str) -> common::tmpdir_guard::TmpDir {
     let dir = common::tmpdir(name);
     let g = hromada_models::gguf::GgufFile::open(common::model_path("smollm2-135m")).unwrap();
     let tok = hromada_models::tokenizer::Tokenizer::from_gguf(&g).unwrap();

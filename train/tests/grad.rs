@@ -2,7 +2,6 @@
 //! model), gradient accumulation equal to one big batch, and gradients through a
 //! quantized GGUF base (QLoRA-style).
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use hromada_models::config::LlamaConfig;
@@ -15,11 +14,11 @@ use hromada_train::data::{Row, Sample};
 use hromada_train::optim::Param;
 use hromada_train::{params, recipe};
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hromada-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+#[path = "../../tests/support/tmpdir.rs"]
+mod tmpdir;
+
+fn tmpdir(name: &str) -> tmpdir::TmpDir {
+    tmpdir::tmpdir(&format!("train-{name}"))
 }
 
 /// A tiny qwen2-type model (Q/K/V biases, tied embeddings) in f64, real SmolLM2 tokenizer.

@@ -50,9 +50,9 @@ pub fn laws() -> Vec<(String, String, String)> {
     v
 }
 
-pub fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hromada-data-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+#[path = "../../../tests/support/tmpdir.rs"]
+pub mod tmpdir_guard;
+
+pub fn tmpdir(name: &str) -> tmpdir_guard::TmpDir {
+    tmpdir_guard::tmpdir(&format!("data-test-{name}"))
 }

@@ -34,7 +34,7 @@ const NR: usize = 16;
 /// accumulators, 8 unpacked weight vectors, temporaries), so a decode step of 16
 /// sequences streams each weight panel once; 8 otherwise.
 fn mr(isa: Isa) -> usize {
-    if isa == Isa::Vnni {
+    if matches!(isa, Isa::Vnni | Isa::Amx) {
         16
     } else {
         8
@@ -106,6 +106,10 @@ struct Q8Rows {
     s: Vec<f32>,
     corr: Vec<i32>,
     q: Vec<i8>,
+    /// For the AMX kernel (else empty): `q` regrouped so that each 16-row tile's block
+    /// is one contiguous `rt x 32` run: row tile at `r0·k`, block b row i at
+    /// `r0·k + (b·rt + i)·32`.
+    tiled: Vec<i8>,
 }
 
 /// Scatter per-column values `val(col, u)` (u: a unit index along k) into panel order:
@@ -250,7 +254,11 @@ impl Q4_1Matrix {
         match isa {
             // SAFETY: the features were detected; the slices hold rt rows and kb blocks,
             // and `out` has rt rows of stride ldo with `cols` writable columns.
-            Isa::Vnni => return unsafe { dispatch_rows!(rt, q4_vnni, wq, wd, wm, aq, ad, asum, kb, out, ldo, cols) },
+            Isa::Amx if rt >= amx::MIN_ROWS && a.tiled.len() == a.q.len() => {
+                let at = &a.tiled[r0 * k..(r0 + rt) * k];
+                return unsafe { amx::q4(wq, r0 == 0, wd, wm, at, ad, asum, kb, rt, out, ldo, cols) };
+            }
+            Isa::Vnni | Isa::Amx => return unsafe { dispatch_rows!(rt, q4_vnni, wq, wd, wm, aq, ad, asum, kb, out, ldo, cols) },
             Isa::Avx2 => return unsafe { dispatch_rows!(rt, q4_avx2, wq, wd, wm, aq, ad, asum, kb, out, ldo, cols) },
             Isa::Scalar => {}
         }
@@ -424,8 +432,8 @@ impl Q8_0Matrix {
         #[cfg(target_arch = "x86_64")]
         match (isa, self.uniform) {
             // SAFETY: as in Q4_1Matrix::tile.
-            (Isa::Vnni, true) => return unsafe { dispatch_rows!(rt, q8_vnni::<false>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
-            (Isa::Vnni, false) => return unsafe { dispatch_rows!(rt, q8_vnni::<true>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
+            (Isa::Vnni | Isa::Amx, true) => return unsafe { dispatch_rows!(rt, q8_vnni::<false>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
+            (Isa::Vnni | Isa::Amx, false) => return unsafe { dispatch_rows!(rt, q8_vnni::<true>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
             (Isa::Avx2, true) => return unsafe { dispatch_rows!(rt, q8_avx2::<false>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
             (Isa::Avx2, false) => return unsafe { dispatch_rows!(rt, q8_avx2::<true>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
             _ => {}
@@ -504,7 +512,11 @@ fn matmul_many_isa(x: &[f32], rows: usize, mats: &[QMat], isa: Isa) -> Option<Ve
     if mats.iter().any(|m| m.k() != k) || x.len() != rows * k {
         return None;
     }
-    let a = quantize_rows(x, rows, k);
+    let mut a = quantize_rows(x, rows, k);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx && rows >= amx::MIN_ROWS {
+        a.tiled = amx::tile_rows(&a.q, rows, k, mr(isa));
+    }
     let mut outs: Vec<Uninit> = mats.iter().map(|m| Uninit::new(rows * m.n())).collect();
     if rows == 0 {
         return Some(outs.into_iter().map(Uninit::finish).collect());
@@ -605,6 +617,9 @@ fn run_panels(panels: usize, rows: usize, mr: usize, f: impl Fn(usize, usize, us
 enum Isa {
     /// AVX-512 F/BW + VNNI (512-bit `vpdpbusd`).
     Vnni,
+    /// VNNI, and for tiles of at least [`amx::MIN_ROWS`] rows Intel AMX's int8 tile
+    /// multiply (`tdpbsud`, 16x16 outputs of a 32-deep block per instruction).
+    Amx,
     Avx2,
     Scalar,
 }
@@ -619,7 +634,11 @@ fn isa() -> Isa {
             }
             let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
             let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vnni");
-            if avx2 && avx512 && std::env::var("HROMADA_KERNEL").as_deref() != Ok("avx2") {
+            let choice = std::env::var("HROMADA_KERNEL");
+            if avx2 && avx512 && choice.as_deref() != Ok("avx2") {
+                if choice.as_deref() != Ok("vnni") && amx::available() {
+                    return Isa::Amx;
+                }
                 return Isa::Vnni;
             }
             if avx2 {
@@ -890,7 +909,7 @@ fn quantize_rows(x: &[f32], rows: usize, k: usize) -> Q8Rows {
             .enumerate()
             .for_each(|(c, (((qc, dc), sc), hc))| chunk(c, qc, dc, sc, hc));
     }
-    Q8Rows { d, s, corr, q }
+    Q8Rows { d, s, corr, q, tiled: Vec::new() }
 }
 
 /// One block: `(scale, Σq of values 0..16, Σq of values 16..32)`.
@@ -946,6 +965,315 @@ unsafe fn quantize_block_avx2(xs: &[f32], q: &mut [i8]) -> (f32, i32, i32) {
     (scale, lo, hi)
 }
 
+/// One row of `hromada bench gemm`.
+#[derive(Debug, Clone)]
+pub struct GemmStat {
+    pub kernel: String,
+    pub format: &'static str,
+    pub rows: usize,
+    pub best_ms: f64,
+    pub median_ms: f64,
+    /// Multiply-adds per second at the best time, in G.
+    pub gmacs: f64,
+}
+
+/// Times `x · Wᵀ` for a random `[n, k]` matrix (Q4_1 and Q8_0) at each row count, on every
+/// kernel this CPU runs (the scalar one excluded), on the compute pool. The weights are
+/// random bytes of the real format; only speed is measured.
+pub fn bench(n: usize, k: usize, rows: &[usize], reps: usize) -> Vec<GemmStat> {
+    let k = k.div_ceil(QK) * QK;
+    let mut rng = crate::sampling::Rng::new(1);
+    let blocks = n * k / QK;
+    let mut q4 = vec![0u8; blocks * BLOCK_BYTES];
+    let mut q8 = vec![0u8; blocks * 34];
+    for (i, b) in q4.iter_mut().enumerate() {
+        *b = if i % BLOCK_BYTES < 4 { [0x00, 0x20][i % 2] } else { rng.next_u64() as u8 };
+    }
+    for (i, b) in q8.iter_mut().enumerate() {
+        *b = if i % 34 < 2 { [0x00, 0x20][i % 2] } else { rng.next_u64() as u8 };
+    }
+    let (Some(m4), Some(m8)) = (Q4_1Matrix::from_ggml_bytes(&q4, n, k), Q8_0Matrix::from_ggml_bytes(&q8, n, k)) else {
+        return vec![];
+    };
+    let mut kernels = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            kernels.push(Isa::Avx2);
+        }
+        if matches!(isa(), Isa::Vnni | Isa::Amx) {
+            kernels.push(Isa::Vnni);
+        }
+        if isa() == Isa::Amx {
+            kernels.push(Isa::Amx);
+        }
+    }
+    if kernels.is_empty() {
+        kernels.push(Isa::Scalar);
+    }
+    let mut out = Vec::new();
+    for &r in rows {
+        let x: Vec<f32> = (0..r * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
+        for (format, mat) in [("q4_1", QMat::Q4(&m4)), ("q8_0", QMat::Q8(&m8))] {
+            for &kern in &kernels {
+                let mut times: Vec<f64> = (0..reps.max(1) + 1)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        let y = crate::kernels::pool().install(|| matmul_one(mat, &x, r, kern));
+                        std::hint::black_box(y);
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .skip(1)
+                    .collect();
+                times.sort_by(f64::total_cmp);
+                let best = times[0];
+                out.push(GemmStat {
+                    kernel: format!("{kern:?}").to_lowercase(),
+                    format,
+                    rows: r,
+                    best_ms: best,
+                    median_ms: times[times.len() / 2],
+                    gmacs: (r * n * k) as f64 / (best * 1e-3) / 1e9,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Intel AMX int8 tiles for the Q4_1 GEMM (Sapphire Rapids and later). One `tdpbsud`
+/// multiplies a tile of up to 16 activation rows (a 32-value block, signed) by a panel
+/// block unpacked to bytes (8 rows of 64: the same four-interleaved layout as the VNNI
+/// operand), giving the exact 16x16 integer block sums that the VNNI kernel computes with
+/// 128 `vpdpbusd`. The sums go through the same float steps in the same order, so the
+/// result equals the VNNI kernel's bit for bit. Linux hands a process the tiles' 8 KB of
+/// state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); without it, or on a CPU
+/// without AMX, the VNNI kernel runs.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{NR, QK};
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    /// Fewer rows than this go to the VNNI kernel: a tile's fixed costs (unpacking the
+    /// panel to memory, loading tiles, storing the sums) are not repaid (`hromada bench
+    /// gemm`: AMX behind at 4 and 8 rows, level at 12, ahead from 16).
+    pub const MIN_ROWS: usize = 12;
+
+    /// Whether the CPU has AMX-TILE and AMX-INT8 and the OS granted this process the
+    /// tile state (detected once).
+    pub fn available() -> bool {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+            #[allow(unused_unsafe)]
+            let c = unsafe { __cpuid_count(7, 0) };
+            if (c.edx >> 24) & 1 == 0 || (c.edx >> 25) & 1 == 0 {
+                return false;
+            }
+            request_tile_state()
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    fn request_tile_state() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain syscall with integer arguments; it changes only this process's
+        // permitted XSAVE features.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn request_tile_state() -> bool {
+        false
+    }
+
+    #[repr(C, align(64))]
+    struct TileCfg([u8; 64]);
+
+    /// Palette 1; tmm0/tmm1: sums (`rows` x 16 i32); tmm2/tmm3: activations (`rows` x 32
+    /// i8); tmm4/tmm5: weights (8 x 64 u8). Two of each, so one block's multiply runs
+    /// while the previous block's sums are scaled.
+    fn config(rows: usize) -> TileCfg {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut set = |t: usize, rows: usize, colsb: u16| {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&colsb.to_le_bytes());
+            c[48 + t] = rows as u8;
+        };
+        for t in 0..2 {
+            set(t, rows, 64);
+            set(2 + t, rows, QK as u16);
+            set(4 + t, 8, 64);
+        }
+        TileCfg(c)
+    }
+
+    thread_local! {
+        /// The tile rows this thread's tile configuration was loaded for (0: none).
+        static LOADED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        /// The panel this thread unpacked last (its packed bytes' address) and its bytes.
+        static UNPACKED: std::cell::RefCell<(usize, Vec<u8>)> = const { std::cell::RefCell::new((0, Vec::new())) };
+    }
+
+    /// Loads the tile configuration for `rows` unless this thread already has it (the
+    /// configuration is part of the thread's saved state; loading it costs more than a
+    /// small tile's work).
+    fn ensure_config(rows: usize) {
+        LOADED.with(|l| {
+            if l.get() != rows {
+                let cfg = config(rows);
+                // SAFETY: AMX is available (checked by the caller's ISA); the
+                // configuration is a valid palette-1 layout.
+                unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+                l.set(rows);
+            }
+        });
+    }
+
+    /// The activation rows regrouped into per-tile blocks (the `Q8Rows::tiled` layout),
+    /// so that a tile load reads 512 contiguous bytes instead of 16 rows `k` apart.
+    pub fn tile_rows(q: &[i8], rows: usize, k: usize, tile: usize) -> Vec<i8> {
+        let mut t = vec![0i8; rows * k];
+        let mut r0 = 0;
+        while r0 < rows {
+            let rt = (rows - r0).min(tile);
+            for b in 0..k / QK {
+                for i in 0..rt {
+                    let src = (r0 + i) * k + b * QK;
+                    let dst = r0 * k + (b * rt + i) * QK;
+                    t[dst..dst + QK].copy_from_slice(&q[src..src + QK]);
+                }
+            }
+            r0 += rt;
+        }
+        t
+    }
+
+    /// A Q4_1 panel (`kb` blocks of 256 packed bytes) as `kb` blocks of 8 x 64 bytes.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn unpack(wq: &[u8], kb: usize, dst: &mut Vec<u8>) {
+        dst.clear();
+        dst.reserve(kb * 512);
+        let low = _mm512_set1_epi8(0x0F);
+        let d = dst.as_mut_ptr();
+        for b in 0..kb {
+            for j in 0..4 {
+                let raw = _mm512_loadu_si512(wq.as_ptr().add(b * 256 + j * 64) as *const _);
+                _mm512_storeu_si512(d.add(b * 512 + j * 64) as *mut _, _mm512_and_si512(raw, low));
+                _mm512_storeu_si512(d.add(b * 512 + (j + 4) * 64) as *mut _, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
+            }
+        }
+        dst.set_len(kb * 512);
+    }
+
+    /// Q4_1 tile of `rt` rows (MIN_ROWS..=16) x one panel: as `q4_vnni`, bit for bit.
+    /// `first`: the panel's first row tile. The driver takes a panel's row tiles one
+    /// after another on one thread, so the later tiles reuse the bytes unpacked for the
+    /// first (a prefill's 512 rows unpack each panel once, not 32 times).
+    ///
+    /// SAFETY: AMX and AVX-512 VNNI are available and granted; `aq` is the tile's rows in
+    /// the tiled layout (`rt x 32` per block), the other slices hold `rt` rows and `kb`
+    /// blocks; `out` has `rt` rows of stride `ldo` with `cols` writable columns.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn q4(wq: &[u8], first: bool, wd: &[f32], wm: &[f32], aq: &[i8], ad: &[f32], asum: &[f32], kb: usize, rt: usize, out: *mut f32, ldo: usize, cols: usize) {
+        ensure_config(rt);
+        UNPACKED.with(|u| {
+            let mut u = u.borrow_mut();
+            let key = wq.as_ptr() as usize;
+            if first || u.0 != key || u.1.len() != kb * 512 {
+                unpack(wq, kb, &mut u.1);
+                u.0 = key;
+            }
+            dispatch_rows!(rt, q4_tile, &u.1, wd, wm, aq, ad, asum, kb, out, ldo, cols)
+        })
+    }
+
+    #[repr(C, align(64))]
+    struct Sums([[i32; NR]; 16]);
+
+    /// Starts block `b`'s integer sums in tile `$c` from activations in `$a`, weights in `$w`.
+    macro_rules! issue {
+        ($c:literal, $a:literal, $w:literal, $aq:expr, $k:expr, $bw:expr) => {
+            asm!(
+                concat!("tilezero tmm", $c),
+                concat!("tileloadd tmm", $a, ", [{a} + {sa}*1]"),
+                concat!("tileloadd tmm", $w, ", [{w} + {sw}*1]"),
+                concat!("tdpbsud tmm", $c, ", tmm", $a, ", tmm", $w),
+                a = in(reg) $aq, sa = in(reg) $k, w = in(reg) $bw, sw = in(reg) 64usize,
+                options(nostack, readonly)
+            )
+        };
+    }
+
+    /// Writes tile `$c`'s sums to `$dst` (16 rows of 64 bytes).
+    macro_rules! store {
+        ($c:literal, $dst:expr) => {
+            asm!(concat!("tilestored [{d} + {s}*1], tmm", $c), d = in(reg) $dst, s = in(reg) 64usize, options(nostack))
+        };
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn q4_tile<const R: usize>(bw: &[u8], wd: &[f32], wm: &[f32], aq: &[i8], ad: &[f32], asum: &[f32], kb: usize, out: *mut f32, ldo: usize, cols: usize) {
+        let mut s0 = Sums([[0; NR]; 16]);
+        let mut s1 = Sums([[0; NR]; 16]);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let a = aq.as_ptr();
+        let w = bw.as_ptr();
+        // The float steps of q4_vnni for block $b, from its stored sums (a macro: a
+        // closure would not inherit this function's target features).
+        macro_rules! scale {
+            ($b:expr, $sums:expr) => {{
+                let b = $b;
+                let d = _mm512_loadu_ps(wd.as_ptr().add(b * NR));
+                let m = _mm512_loadu_ps(wm.as_ptr().add(b * NR));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let s = _mm512_cvtepi32_ps(_mm512_load_si512($sums.0[i].as_ptr() as *const _));
+                    *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(*ad.get_unchecked(i * kb + b))), *acc);
+                    *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*asum.get_unchecked(i * kb + b)), *acc);
+                }
+            }};
+        }
+        // A two-deep pipeline: while block b multiplies in one tile, block b - 1's sums
+        // (stored an iteration ago, so the loads do not wait on the tile store) are
+        // scaled. Even blocks use tiles 0/2/4 and buffer s0, odd ones 1/3/5 and s1.
+        issue!("0", "2", "4", a, QK, w);
+        if kb > 1 {
+            issue!("1", "3", "5", a.add(R * QK), QK, w.add(512));
+        }
+        store!("0", s0.0.as_mut_ptr());
+        let mut b = 1;
+        while b < kb {
+            if b + 1 < kb {
+                issue!("0", "2", "4", a.add((b + 1) * R * QK), QK, w.add((b + 1) * 512));
+            }
+            store!("1", s1.0.as_mut_ptr());
+            scale!(b - 1, s0);
+            b += 1;
+            if b == kb {
+                break;
+            }
+            if b + 1 < kb {
+                issue!("1", "3", "5", a.add((b + 1) * R * QK), QK, w.add((b + 1) * 512));
+            }
+            store!("0", s0.0.as_mut_ptr());
+            scale!(b - 1, s1);
+            b += 1;
+        }
+        if (kb - 1) % 2 == 0 {
+            scale!(kb - 1, s0);
+        } else {
+            scale!(kb - 1, s1);
+        }
+        let mask: __mmask16 = if cols >= NR { 0xFFFF } else { (1u16 << cols) - 1 };
+        for (i, acc) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(i * ldo), mask, *acc);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -994,8 +1322,11 @@ mod tests {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 v.push(Isa::Avx2);
             }
-            if isa() == Isa::Vnni {
+            if matches!(isa(), Isa::Vnni | Isa::Amx) {
                 v.push(Isa::Vnni);
+            }
+            if isa() == Isa::Amx {
+                v.push(Isa::Amx);
             }
         }
         v
@@ -1077,9 +1408,11 @@ mod tests {
 
     #[test]
     fn matmul_matches_dequantized_reference_on_every_kernel() {
-        // n = 37: two full panels and a partial one; k = 320: ten blocks; 19 rows: two
-        // full register tiles and a partial one.
-        let (n, k, rows) = (37, 320, 19);
+        // n = 37: two full panels and a partial one; k = 320: ten blocks (an even count:
+        // the AMX pipeline's two halves); 29 rows: three full register tiles of 8 and a
+        // partial one, or one of 16 and a partial one of 13 (both AMX tiles, where the CPU
+        // has AMX).
+        let (n, k, rows) = (37, 320, 29);
         let mut rng = crate::sampling::Rng::new(3);
         let w: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
         let x: Vec<f32> = (0..rows * k).map(|_| (rng.next_f64() - 0.5) as f32 * 3.0).collect();
@@ -1113,6 +1446,25 @@ mod tests {
             for r in 0..rows {
                 let alone = mm(&x[r * k..(r + 1) * k], 1, isa());
                 assert_eq!(&y[r * n..(r + 1) * n], &alone[..], "{name}: row {r} differs when batched");
+            }
+        }
+    }
+
+    /// Odd and even block counts (the AMX pipeline alternates two tiles), one block, and
+    /// row counts around the tile heights: every kernel agrees bit for bit.
+    #[test]
+    fn kernels_agree_across_block_and_row_counts() {
+        let mut rng = crate::sampling::Rng::new(13);
+        let n = 40;
+        for k in [32, 96, 320] {
+            let w: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
+            let q4 = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&w, n, k), n, k).unwrap();
+            for rows in [1, 11, 12, 16, 17, 45] {
+                let x: Vec<f32> = (0..rows * k).map(|_| (rng.next_f64() - 0.5) as f32 * 2.0).collect();
+                let want = q4.matmul_isa(&x, rows, Isa::Scalar);
+                for isa in isas() {
+                    assert_eq!(q4.matmul_isa(&x, rows, isa), want, "k {k}, rows {rows}: {isa:?} differs");
+                }
             }
         }
     }

@@ -45,9 +45,9 @@ pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
         .collect()
 }
 
-pub fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hromada-test-{}-{}", name, std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("create temp dir");
-    d
+#[path = "../../../tests/support/tmpdir.rs"]
+pub mod tmpdir_guard;
+
+pub fn tmpdir(name: &str) -> tmpdir_guard::TmpDir {
+    tmpdir_guard::tmpdir(&format!("test-{name}"))
 }
