@@ -965,6 +965,24 @@ unsafe fn quantize_block_avx2(xs: &[f32], q: &mut [i8]) -> (f32, i32, i32) {
     (scale, lo, hi)
 }
 
+/// The SIMD kernels this CPU runs (AVX2, VNNI, AMX), up to the one `HROMADA_KERNEL` allows.
+fn simd_kernels() -> Vec<Isa> {
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            v.push(Isa::Avx2);
+        }
+        if matches!(isa(), Isa::Vnni | Isa::Amx) {
+            v.push(Isa::Vnni);
+        }
+        if isa() == Isa::Amx {
+            v.push(Isa::Amx);
+        }
+    }
+    v
+}
+
 /// One row of `hromada bench gemm`.
 #[derive(Debug, Clone)]
 pub struct GemmStat {
@@ -995,19 +1013,7 @@ pub fn bench(n: usize, k: usize, rows: &[usize], reps: usize) -> Vec<GemmStat> {
     let (Some(m4), Some(m8)) = (Q4_1Matrix::from_ggml_bytes(&q4, n, k), Q8_0Matrix::from_ggml_bytes(&q8, n, k)) else {
         return vec![];
     };
-    let mut kernels = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            kernels.push(Isa::Avx2);
-        }
-        if matches!(isa(), Isa::Vnni | Isa::Amx) {
-            kernels.push(Isa::Vnni);
-        }
-        if isa() == Isa::Amx {
-            kernels.push(Isa::Amx);
-        }
-    }
+    let mut kernels = simd_kernels();
     if kernels.is_empty() {
         kernels.push(Isa::Scalar);
     }
@@ -1262,7 +1268,7 @@ mod amx {
             scale!(b - 1, s1);
             b += 1;
         }
-        if (kb - 1) % 2 == 0 {
+        if (kb - 1).is_multiple_of(2) {
             scale!(kb - 1, s0);
         } else {
             scale!(kb - 1, s1);
@@ -1317,18 +1323,7 @@ mod tests {
     /// Every kernel this CPU can run, the scalar one included.
     fn isas() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                v.push(Isa::Avx2);
-            }
-            if matches!(isa(), Isa::Vnni | Isa::Amx) {
-                v.push(Isa::Vnni);
-            }
-            if isa() == Isa::Amx {
-                v.push(Isa::Amx);
-            }
-        }
+        v.extend(simd_kernels());
         v
     }
 
