@@ -34,7 +34,10 @@ wait_up() {
 pids+=($!)
 servers=("hromada http://127.0.0.1:8021")
 if [ -x "$LLAMA" ]; then
-  "$LLAMA" -m "$GGUF" --port 8031 -t 2 --parallel 16 -c 4096 >/tmp/llama-bench-serve.log 2>&1 &
+  # LLAMA_SERVER_EXTRA: more llama-server flags (on one Intel AMX VM its weight repacking
+  # crashed at start; --no-repack ran).
+  # shellcheck disable=SC2086
+  "$LLAMA" -m "$GGUF" --port 8031 -t 2 --parallel 16 -c 4096 ${LLAMA_SERVER_EXTRA:-} >/tmp/llama-bench-serve.log 2>&1 &
   pids+=($!)
   servers+=("llama-server http://127.0.0.1:8031")
 else
