@@ -19,12 +19,6 @@ pub fn tmpdir(name: &str) -> TmpDir {
     TmpDir(d)
 }
 
-impl TmpDir {
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
 impl Deref for TmpDir {
     type Target = Path;
     fn deref(&self) -> &Path {
