@@ -11,6 +11,7 @@
 //! anything but contiguous f32 tensors on the CPU, so callers need no second path.
 use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Elements below which an op runs on the calling thread (a decode step's rows).
 const PAR_MIN: usize = 1 << 13;
@@ -27,38 +28,49 @@ fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
     Some(f(&slices))
 }
 
-/// Splits `out` into chunks of whole rows of `width` values and runs `f(first_row, chunk)`,
-/// in parallel when the work is large.
-fn rows_mut(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let rows = out.len() / width.max(1);
-    if out.len() < PAR_MIN || rows < 2 {
+/// A new buffer of `n` values, filled by `f(first_row, chunk)` over chunks of whole rows of
+/// `width` values, in parallel when the work is large. The buffer is not zeroed first
+/// (zeroing a prompt's activations cost about 3% of its forward pass): every `f` writes
+/// its whole chunk.
+fn filled(n: usize, width: usize, f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    let out = &mut v.spare_capacity_mut()[..n];
+    let rows = n / width.max(1);
+    if n < PAR_MIN || rows < 2 {
         f(0, out);
-        return;
+    } else {
+        let per = (PAR_MIN / width).max(1);
+        out.par_chunks_mut(per * width).enumerate().for_each(|(c, ch)| f(c * per, ch));
     }
-    let per = (PAR_MIN / width).max(1);
-    out.par_chunks_mut(per * width).enumerate().for_each(|(c, ch)| f(c * per, ch));
+    // SAFETY: the chunks cover all n values and every caller's `f` writes its whole chunk.
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// `x / sqrt(mean(x²) + eps) · w` over the last dimension.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let hidden = w.elem_count();
-    let res = with_f32(&[x, w], |s| {
-        let (xs, ws) = (s[0], s[1]);
-        let mut out = vec![0f32; xs.len()];
-        rows_mut(&mut out, hidden, |r0, ch| {
-            for (i, o) in ch.chunks_exact_mut(hidden).enumerate() {
-                let row = &xs[(r0 + i) * hidden..(r0 + i + 1) * hidden];
-                let ss = sum_sq(row);
-                let inv = 1.0 / ((ss / hidden as f32) + eps as f32).sqrt();
-                for ((o, &v), &g) in o.iter_mut().zip(row).zip(ws) {
-                    *o = v * inv * g;
-                }
-            }
-        });
-        out
-    });
+    // Only whole rows (`filled` writes every value); anything else goes to candle.
+    let fits = hidden > 0 && x.elem_count().is_multiple_of(hidden);
+    let res = fits
+        .then(|| {
+            with_f32(&[x, w], |s| {
+                let (xs, ws) = (s[0], s[1]);
+                filled(xs.len(), hidden, |r0, ch| {
+                    for (i, o) in ch.chunks_exact_mut(hidden).enumerate() {
+                        let row = &xs[(r0 + i) * hidden..(r0 + i + 1) * hidden];
+                        let ss = sum_sq(row);
+                        let inv = 1.0 / ((ss / hidden as f32) + eps as f32).sqrt();
+                        for ((o, &v), &g) in o.iter_mut().zip(row).zip(ws) {
+                            o.write(v * inv * g);
+                        }
+                    }
+                })
+            })
+        })
+        .flatten();
     match res {
-        Some(v) if x.elem_count() % hidden.max(1) == 0 => Tensor::from_vec(v, x.shape(), x.device()),
+        Some(v) => Tensor::from_vec(v, x.shape(), x.device()),
         _ => candle_nn::ops::rms_norm(&x.contiguous()?, &w.to_dtype(x.dtype())?, eps as f32),
     }
 }
@@ -84,10 +96,11 @@ fn sum_sq(v: &[f32]) -> f32 {
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (n, h, d) = x.dims3()?;
     let half = d / 2;
-    let res = with_f32(&[x, cos, sin], |s| {
+    // Only shapes the kernel writes completely (`filled`); anything else goes to candle.
+    let fits = d % 2 == 0 && cos.elem_count() == n * half && sin.elem_count() == n * half;
+    let res = fits.then(|| with_f32(&[x, cos, sin], |s| {
         let (xs, cs, ss) = (s[0], s[1], s[2]);
-        let mut out = vec![0f32; xs.len()];
-        rows_mut(&mut out, h * d, |t0, ch| {
+        filled(xs.len(), h * d, |t0, ch| {
             for (i, o) in ch.chunks_exact_mut(h * d).enumerate() {
                 let t = t0 + i;
                 let (c, sn) = (&cs[t * half..(t + 1) * half], &ss[t * half..(t + 1) * half]);
@@ -97,16 +110,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
                     let (x1, x2) = src.split_at(half);
                     let (d1, d2) = dst.split_at_mut(half);
                     for j in 0..half {
-                        d1[j] = x1[j] * c[j] - x2[j] * sn[j];
-                        d2[j] = x1[j] * sn[j] + x2[j] * c[j];
+                        d1[j].write(x1[j] * c[j] - x2[j] * sn[j]);
+                        d2[j].write(x1[j] * sn[j] + x2[j] * c[j]);
                     }
                 }
             }
-        });
-        out
-    });
+        })
+    })).flatten();
     match res {
-        Some(v) if d % 2 == 0 && cos.elem_count() == n * half && sin.elem_count() == n * half => Tensor::from_vec(v, (n, h, d), x.device()),
+        Some(v) => Tensor::from_vec(v, (n, h, d), x.device()),
         _ => {
             let x = x.unsqueeze(0)?.contiguous()?;
             candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)
@@ -149,25 +161,24 @@ enum Act {
 }
 
 fn map2(a: &[f32], b: &[f32], act: Act) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
     let width = 4096;
-    rows_mut(&mut out, width, |r0, ch| {
+    filled(a.len(), width, |r0, ch| {
         let (a, b) = (&a[r0 * width..r0 * width + ch.len()], &b[r0 * width..r0 * width + ch.len()]);
         #[cfg(target_arch = "x86_64")]
         if super::has_avx2() {
-            // SAFETY: AVX2, FMA and F16C were detected; the three slices have equal length.
-            unsafe { map2_avx2(a, b, ch, act) };
+            // SAFETY: AVX2, FMA and F16C were detected; the slices and `ch` have equal
+            // length, and the kernel writes all of `ch`.
+            unsafe { map2_avx2(a, b, ch.as_mut_ptr() as *mut f32, act) };
             return;
         }
         for ((o, &x), &y) in ch.iter_mut().zip(a).zip(b) {
-            *o = match act {
+            o.write(match act {
                 Act::Silu => x / (1.0 + (-x).exp()) * y,
                 Act::Gelu => gelu_tanh(x) * y,
                 Act::Add => x + y,
-            };
+            });
         }
-    });
-    out
+    })
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -178,10 +189,10 @@ fn gelu_tanh(x: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn map2_avx2(a: &[f32], b: &[f32], out: &mut [f32], act: Act) {
+unsafe fn map2_avx2(a: &[f32], b: &[f32], out: *mut f32, act: Act) {
     use super::simd::exp256;
     use std::arch::x86_64::*;
-    let n = out.len();
+    let n = a.len();
     let one = _mm256_set1_ps(1.0);
     let f = |x: __m256, y: __m256| -> __m256 {
         match act {
@@ -200,7 +211,7 @@ unsafe fn map2_avx2(a: &[f32], b: &[f32], out: &mut [f32], act: Act) {
     let mut i = 0;
     while i + 8 <= n {
         let r = f(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)));
-        _mm256_storeu_ps(out.as_mut_ptr().add(i), r);
+        _mm256_storeu_ps(out.add(i), r);
         i += 8;
     }
     if i < n {
@@ -208,7 +219,7 @@ unsafe fn map2_avx2(a: &[f32], b: &[f32], out: &mut [f32], act: Act) {
         xa[..n - i].copy_from_slice(&a[i..]);
         xb[..n - i].copy_from_slice(&b[i..]);
         _mm256_storeu_ps(xo.as_mut_ptr(), f(_mm256_loadu_ps(xa.as_ptr()), _mm256_loadu_ps(xb.as_ptr())));
-        out[i..].copy_from_slice(&xo[..n - i]);
+        std::ptr::copy_nonoverlapping(xo.as_ptr(), out.add(i), n - i);
     }
 }
 

@@ -254,7 +254,7 @@ impl Q4_1Matrix {
         match isa {
             // SAFETY: the features were detected; the slices hold rt rows and kb blocks,
             // and `out` has rt rows of stride ldo with `cols` writable columns.
-            Isa::Amx if rt >= amx::MIN_ROWS && a.tiled.len() == a.q.len() => {
+            Isa::Amx if rt >= amx::MIN_ROWS && a.tiled.len() == a.q.len() && a.q.len() >= amx::MIN_CALL_ROWS * k => {
                 let at = &a.tiled[r0 * k..(r0 + rt) * k];
                 return unsafe { amx::q4(wq, r0 == 0, wd, wm, at, ad, asum, kb, rt, out, ldo, cols) };
             }
@@ -432,6 +432,10 @@ impl Q8_0Matrix {
         #[cfg(target_arch = "x86_64")]
         match (isa, self.uniform) {
             // SAFETY: as in Q4_1Matrix::tile.
+            (Isa::Amx, true) if rt >= amx::MIN_ROWS && a.tiled.len() == a.q.len() => {
+                let at = &a.tiled[r0 * k..(r0 + rt) * k];
+                return unsafe { amx::q8(wq, wd, sums, at, ad, kb, rt, out, ldo, cols) };
+            }
             (Isa::Vnni | Isa::Amx, true) => return unsafe { dispatch_rows!(rt, q8_vnni::<false>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
             (Isa::Vnni | Isa::Amx, false) => return unsafe { dispatch_rows!(rt, q8_vnni::<true>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
             (Isa::Avx2, true) => return unsafe { dispatch_rows!(rt, q8_avx2::<false>, wq, wd, sums, aq, ad, kb, out, ldo, cols) },
@@ -617,7 +621,8 @@ fn run_panels(panels: usize, rows: usize, mr: usize, f: impl Fn(usize, usize, us
 enum Isa {
     /// AVX-512 F/BW + VNNI (512-bit `vpdpbusd`).
     Vnni,
-    /// VNNI, and for tiles of at least [`amx::MIN_ROWS`] rows Intel AMX's int8 tile
+    /// VNNI, and for tiles of at least [`amx::MIN_ROWS`] rows (Q4_1: in calls of at
+    /// least [`amx::MIN_CALL_ROWS`]; Q8: one scale per 32 values) Intel AMX's int8 tile
     /// multiply (`tdpbsud`, 16x16 outputs of a 32-deep block per instruction).
     Amx,
     Avx2,
@@ -1021,8 +1026,13 @@ pub fn bench(n: usize, k: usize, rows: &[usize], reps: usize) -> Vec<GemmStat> {
     for &r in rows {
         let x: Vec<f32> = (0..r * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
         for (format, mat) in [("q4_1", QMat::Q4(&m4)), ("q8_0", QMat::Q8(&m8))] {
-            // 8-bit matrices have no AMX tile (AMX would time the VNNI kernel again).
-            for &kern in kernels.iter().filter(|&&k| !(k == Isa::Amx && matches!(mat, QMat::Q8(_)))) {
+            // Rows too few for an AMX tile (and Q4_1 calls too few for two) take VNNI: an
+            // AMX row would time the VNNI kernel again.
+            #[cfg(target_arch = "x86_64")]
+            let no_amx = r < amx::MIN_ROWS || (matches!(mat, QMat::Q4(_)) && r < amx::MIN_CALL_ROWS);
+            #[cfg(not(target_arch = "x86_64"))]
+            let no_amx = true;
+            for &kern in kernels.iter().filter(|&&k| !(k == Isa::Amx && no_amx)) {
                 let mut times: Vec<f64> = (0..reps.max(1) + 1)
                     .map(|_| {
                         let t = std::time::Instant::now();
@@ -1048,11 +1058,11 @@ pub fn bench(n: usize, k: usize, rows: &[usize], reps: usize) -> Vec<GemmStat> {
     out
 }
 
-/// Intel AMX int8 tiles for the Q4_1 GEMM (Sapphire Rapids and later). One `tdpbsud`
-/// multiplies a tile of up to 16 activation rows (a 32-value block, signed) by a panel
-/// block unpacked to bytes (8 rows of 64: the same four-interleaved layout as the VNNI
-/// operand), giving the exact 16x16 integer block sums that the VNNI kernel computes with
-/// 128 `vpdpbusd`. The sums go through the same float steps in the same order, so the
+/// Intel AMX int8 tiles for the Q4_1 and Q8_0 GEMMs (Sapphire Rapids and later). One
+/// `tdpbsud` multiplies a tile of up to 16 activation rows (a 32-value block, signed) by a
+/// panel block as bytes (8 rows of 64: the same four-interleaved layout as the VNNI
+/// operand; Q4_1 blocks are unpacked to it, Q8_0 blocks are stored in it), giving the
+/// exact 16x16 integer block sums that the VNNI kernel computes with 128 `vpdpbusd`. The sums go through the same float steps in the same order, so the
 /// result equals the VNNI kernel's bit for bit. Linux hands a process the tiles' 8 KB of
 /// state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); without it, or on a CPU
 /// without AMX, the VNNI kernel runs.
@@ -1066,6 +1076,13 @@ mod amx {
     /// panel to memory, loading tiles, storing the sums) are not repaid (`hromada bench
     /// gemm`: AMX behind at 4 and 8 rows, level at 12, ahead from 16).
     pub const MIN_ROWS: usize = 12;
+    /// Q4_1 calls of fewer rows than this take the VNNI kernel: the AMX kernel unpacks
+    /// each panel to bytes in memory once per call and its tiles reuse them, which pays
+    /// when at least two tiles do. With one tile (a decode step of up to 16 sequences,
+    /// whose weights stream from DRAM) VNNI, which unpacks in registers, was faster in
+    /// the server (TPOT 21.2-21.7 ms against 22.3-23.2 at 16 concurrent). Q8_0 blocks
+    /// need no unpacking and take AMX from [`MIN_ROWS`].
+    pub const MIN_CALL_ROWS: usize = 2 * 16;
 
     /// Whether the CPU has AMX-TILE and AMX-INT8 and the OS granted this process the
     /// tile state (detected once).
@@ -1193,8 +1210,20 @@ mod amx {
                 unpack(wq, kb, &mut u.1);
                 u.0 = key;
             }
-            dispatch_rows!(rt, q4_tile, &u.1, wd, wm, aq, ad, asum, kb, out, ldo, cols)
+            dispatch_rows!(rt, int8_tile::<false>, &u.1, wd, wm, &[], aq, ad, asum, kb, out, ldo, cols)
         })
+    }
+
+    /// Q8_0 tile (one scale per 32 values) of `rt` rows (MIN_ROWS..=16) x one panel: as
+    /// `q8_vnni`, bit for bit. The packed panel block (eight groups of 64 bytes, values
+    /// plus 128 as u8) is already the weight tile's layout, so nothing is unpacked and a
+    /// single tile (a decode step's LM head) pays too.
+    ///
+    /// SAFETY: as [`q4`]; `corr` holds the rows' offset corrections (3 per block).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn q8(wq: &[u8], wd: &[f32], corr: &[i32], aq: &[i8], ad: &[f32], kb: usize, rt: usize, out: *mut f32, ldo: usize, cols: usize) {
+        ensure_config(rt);
+        dispatch_rows!(rt, int8_tile::<true>, wq, wd, &[], corr, aq, ad, &[], kb, out, ldo, cols)
     }
 
     #[repr(C, align(64))]
@@ -1223,23 +1252,33 @@ mod amx {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn q4_tile<const R: usize>(bw: &[u8], wd: &[f32], wm: &[f32], aq: &[i8], ad: &[f32], asum: &[f32], kb: usize, out: *mut f32, ldo: usize, cols: usize) {
+    unsafe fn int8_tile<const Q8: bool, const R: usize>(bw: &[u8], wd: &[f32], wm: &[f32], corr: &[i32], aq: &[i8], ad: &[f32], asum: &[f32], kb: usize, out: *mut f32, ldo: usize, cols: usize) {
         let mut s0 = Sums([[0; NR]; 16]);
         let mut s1 = Sums([[0; NR]; 16]);
         let mut acc = [_mm512_setzero_ps(); R];
         let a = aq.as_ptr();
         let w = bw.as_ptr();
-        // The float steps of q4_vnni for block $b, from its stored sums (a macro: a
-        // closure would not inherit this function's target features).
+        // The float steps of q4_vnni (or, `Q8`, q8_vnni's uniform case) for block $b, from
+        // its stored sums (a macro: a closure would not inherit this function's target
+        // features).
         macro_rules! scale {
             ($b:expr, $sums:expr) => {{
                 let b = $b;
                 let d = _mm512_loadu_ps(wd.as_ptr().add(b * NR));
-                let m = _mm512_loadu_ps(wm.as_ptr().add(b * NR));
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let s = _mm512_cvtepi32_ps(_mm512_load_si512($sums.0[i].as_ptr() as *const _));
-                    *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(*ad.get_unchecked(i * kb + b))), *acc);
-                    *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*asum.get_unchecked(i * kb + b)), *acc);
+                if Q8 {
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        // Σ(w+128)·a, then the exact offset correction −128·Σa.
+                        let raw = _mm512_load_si512($sums.0[i].as_ptr() as *const _);
+                        let s = _mm512_cvtepi32_ps(_mm512_add_epi32(raw, _mm512_set1_epi32(*corr.get_unchecked((i * kb + b) * 3 + 2))));
+                        *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(*ad.get_unchecked(i * kb + b))), *acc);
+                    }
+                } else {
+                    let m = _mm512_loadu_ps(wm.as_ptr().add(b * NR));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let s = _mm512_cvtepi32_ps(_mm512_load_si512($sums.0[i].as_ptr() as *const _));
+                        *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(*ad.get_unchecked(i * kb + b))), *acc);
+                        *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*asum.get_unchecked(i * kb + b)), *acc);
+                    }
                 }
             }};
         }
@@ -1405,10 +1444,10 @@ mod tests {
     #[test]
     fn matmul_matches_dequantized_reference_on_every_kernel() {
         // n = 37: two full panels and a partial one; k = 320: ten blocks (an even count:
-        // the AMX pipeline's two halves); 29 rows: three full register tiles of 8 and a
-        // partial one, or one of 16 and a partial one of 13 (both AMX tiles, where the CPU
+        // the AMX pipeline's two halves); 45 rows: five full register tiles of 8 and a
+        // partial one, or two of 16 and a partial one of 13 (all AMX tiles, where the CPU
         // has AMX).
-        let (n, k, rows) = (37, 320, 29);
+        let (n, k, rows) = (37, 320, 45);
         let mut rng = crate::sampling::Rng::new(3);
         let w: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
         let x: Vec<f32> = (0..rows * k).map(|_| (rng.next_f64() - 0.5) as f32 * 3.0).collect();
@@ -1447,7 +1486,8 @@ mod tests {
     }
 
     /// Odd and even block counts (the AMX pipeline alternates two tiles), one block, and
-    /// row counts around the tile heights: every kernel agrees bit for bit.
+    /// row counts around the tile heights and the AMX thresholds: every kernel agrees bit
+    /// for bit, for Q4_1 and Q8_0.
     #[test]
     fn kernels_agree_across_block_and_row_counts() {
         let mut rng = crate::sampling::Rng::new(13);
@@ -1455,11 +1495,13 @@ mod tests {
         for k in [32, 96, 320] {
             let w: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
             let q4 = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&w, n, k), n, k).unwrap();
-            for rows in [1, 11, 12, 16, 17, 45] {
+            let q8 = Q8_0Matrix::from_ggml_bytes(&ggml_q8_0(&w, n, k), n, k).unwrap();
+            for rows in [1, 11, 12, 16, 17, 31, 32, 45] {
                 let x: Vec<f32> = (0..rows * k).map(|_| (rng.next_f64() - 0.5) as f32 * 2.0).collect();
-                let want = q4.matmul_isa(&x, rows, Isa::Scalar);
+                let (want4, want8) = (q4.matmul_isa(&x, rows, Isa::Scalar), q8.matmul_isa(&x, rows, Isa::Scalar));
                 for isa in isas() {
-                    assert_eq!(q4.matmul_isa(&x, rows, isa), want, "k {k}, rows {rows}: {isa:?} differs");
+                    assert_eq!(q4.matmul_isa(&x, rows, isa), want4, "q4_1, k {k}, rows {rows}: {isa:?} differs");
+                    assert_eq!(q8.matmul_isa(&x, rows, isa), want8, "q8_0, k {k}, rows {rows}: {isa:?} differs");
                 }
             }
         }
