@@ -297,15 +297,13 @@ fn cmp_desc(a: f32, b: f32) -> std::cmp::Ordering {
 
 /// Index of the largest value (the first one on ties, as torch.argmax).
 pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut bv = f32::NEG_INFINITY;
-    for (i, &x) in v.iter().enumerate() {
-        if x > bv {
-            bv = x;
-            best = i;
-        }
+    // The first index holding the maximum (NaNs skipped; 0 when nothing exceeds -inf): the
+    // maximum in SIMD, then its first position.
+    let m = crate::kernels::simd::max_f32(v);
+    if m == f32::NEG_INFINITY {
+        return 0;
     }
-    best as u32
+    v.iter().position(|&x| x == m).unwrap_or(0) as u32
 }
 
 /// `log_softmax(v)[i]` (the normaliser summed in f64; SIMD exponentials).
@@ -414,6 +412,33 @@ mod tests {
     fn greedy_picks_argmax_and_first_on_ties() {
         let mut s = Sampler::new(SamplingParams::greedy(4), &[]);
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).token, 1);
+    }
+
+    /// The SIMD argmax picks what a first-wins scalar scan picks: ties, NaNs, `-inf`,
+    /// lengths around the vector blocks, a vocabulary-sized row.
+    #[test]
+    fn argmax_matches_a_scalar_scan() {
+        let scan = |v: &[f32]| {
+            let (mut best, mut bv) = (0usize, f32::NEG_INFINITY);
+            for (i, &x) in v.iter().enumerate() {
+                if x > bv {
+                    (best, bv) = (i, x);
+                }
+            }
+            best as u32
+        };
+        let mut rng = Rng::new(17);
+        for n in [0usize, 1, 7, 8, 9, 31, 32, 33, 100, 49_152] {
+            let mut v: Vec<f32> = (0..n).map(|_| (rng.next_f64() * 8.0).floor() as f32).collect();
+            if n > 3 {
+                v[1] = f32::NAN;
+                v[n - 1] = f32::NAN;
+            }
+            assert_eq!(argmax(&v), scan(&v), "n {n}");
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 1.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[-0.0, 0.0]), 0);
     }
 
     #[test]

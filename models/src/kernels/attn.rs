@@ -339,20 +339,11 @@ unsafe fn exp_normaliser(s: &mut [f32], lo: usize, hi: usize, cap: Option<f32>) 
             *v = softcap(*v, cap);
         }
     }
+    // The maximum eight lanes at a time (the scalar fold's NaN handling made it a serial
+    // chain of several instructions per score, a tenth of a prompt's attention time).
+    let mx = super::simd::max_avx2(row);
     let n = row.len();
     let p = row.as_mut_ptr();
-    // The maximum eight lanes at a time (`max(v, m)` keeps m where v is NaN, as the
-    // scalar fold `f32::max` does); the scalar fold's NaN handling made it a serial chain
-    // of several instructions per score, a tenth of a prompt's attention time.
-    let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
-    let mut i = 0;
-    while i + 8 <= n {
-        mv = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), mv);
-        i += 8;
-    }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
-    let mx = row[i..].iter().chain(&lanes).cloned().fold(f32::NEG_INFINITY, f32::max);
     let m = _mm256_set1_ps(mx);
     let mut sumv = _mm256_setzero_ps();
     let mut i = 0;

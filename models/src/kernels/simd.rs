@@ -7,7 +7,7 @@
 /// value, and it depends only on `v`. Non-finite maxima (all `-inf`, or a NaN) give NaN
 /// or `-inf` as the plain formula would.
 pub fn log_sum_exp(v: &[f32]) -> f64 {
-    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let m = max_f32(v);
     if !m.is_finite() {
         return m as f64;
     }
@@ -18,6 +18,43 @@ pub fn log_sum_exp(v: &[f32]) -> f64 {
     }
     let md = m as f64;
     md + v.iter().map(|&x| (x as f64 - md).exp()).sum::<f64>().ln()
+}
+
+/// The largest value, NaNs ignored (as a fold of `f32::max`; `-inf` for none). With AVX2,
+/// eight lanes at a time: the scalar fold's NaN handling makes it a serial chain of several
+/// instructions per value, about 60 us over a 49152-token vocabulary.
+pub fn max_f32(v: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: AVX2 was detected.
+        return unsafe { max_avx2(v) };
+    }
+    v.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn max_avx2(v: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (p, n) = (v.as_ptr(), v.len());
+    // `max(x, m)` returns m where x is NaN, so NaNs are skipped as by the scalar fold.
+    let mut m = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (u, m) in m.iter_mut().enumerate() {
+            *m = _mm256_max_ps(_mm256_loadu_ps(p.add(i + 8 * u)), *m);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        m[0] = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), m[0]);
+        i += 8;
+    }
+    let mut lanes = [0f32; 32];
+    for (u, m) in m.iter().enumerate() {
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * u), *m);
+    }
+    v[i..].iter().chain(&lanes).cloned().fold(f32::NEG_INFINITY, f32::max)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -107,6 +144,26 @@ mod tests {
         assert_eq!(log_sum_exp(&v), f64::NEG_INFINITY);
         v[3] = 2.0;
         assert!((log_sum_exp(&v) - 2.0).abs() < 1e-12);
+    }
+
+    /// The vectorised maximum equals the scalar fold of `f32::max` (NaNs skipped) at every
+    /// length around the unrolled blocks, wherever the maximum sits.
+    #[test]
+    fn max_equals_the_scalar_fold() {
+        let mut rng = crate::sampling::Rng::new(9);
+        for n in 0..80usize {
+            for at in [0, n / 2, n.saturating_sub(1)] {
+                let mut v: Vec<f32> = (0..n).map(|_| (rng.next_f64() * 10.0 - 5.0) as f32).collect();
+                if n > 0 {
+                    v[at] = 7.5;
+                    v[(at + 3) % n] = f32::NAN;
+                }
+                let want = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(max_f32(&v).to_bits(), want.to_bits(), "n {n}, max at {at}");
+            }
+        }
+        assert_eq!(max_f32(&[f32::NAN; 20]), f32::NEG_INFINITY);
+        assert_eq!(max_f32(&[f32::NEG_INFINITY; 9]), f32::NEG_INFINITY);
     }
 
     #[test]
