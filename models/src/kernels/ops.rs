@@ -52,23 +52,23 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let hidden = w.elem_count();
     // Only whole rows (`filled` writes every value); anything else goes to candle.
     let fits = hidden > 0 && x.elem_count().is_multiple_of(hidden);
-    let res = fits
-        .then(|| {
-            with_f32(&[x, w], |s| {
-                let (xs, ws) = (s[0], s[1]);
-                filled(xs.len(), hidden, |r0, ch| {
-                    for (i, o) in ch.chunks_exact_mut(hidden).enumerate() {
-                        let row = &xs[(r0 + i) * hidden..(r0 + i + 1) * hidden];
-                        let ss = sum_sq(row);
-                        let inv = 1.0 / ((ss / hidden as f32) + eps as f32).sqrt();
-                        for ((o, &v), &g) in o.iter_mut().zip(row).zip(ws) {
-                            o.write(v * inv * g);
-                        }
+    let res = if !fits {
+        None
+    } else {
+        with_f32(&[x, w], |s| {
+            let (xs, ws) = (s[0], s[1]);
+            filled(xs.len(), hidden, |r0, ch| {
+                for (i, o) in ch.chunks_exact_mut(hidden).enumerate() {
+                    let row = &xs[(r0 + i) * hidden..(r0 + i + 1) * hidden];
+                    let ss = sum_sq(row);
+                    let inv = 1.0 / ((ss / hidden as f32) + eps as f32).sqrt();
+                    for ((o, &v), &g) in o.iter_mut().zip(row).zip(ws) {
+                        o.write(v * inv * g);
                     }
-                })
+                }
             })
         })
-        .flatten();
+    };
     match res {
         Some(v) => Tensor::from_vec(v, x.shape(), x.device()),
         _ => candle_nn::ops::rms_norm(&x.contiguous()?, &w.to_dtype(x.dtype())?, eps as f32),
@@ -98,25 +98,29 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = d / 2;
     // Only shapes the kernel writes completely (`filled`); anything else goes to candle.
     let fits = d % 2 == 0 && cos.elem_count() == n * half && sin.elem_count() == n * half;
-    let res = fits.then(|| with_f32(&[x, cos, sin], |s| {
-        let (xs, cs, ss) = (s[0], s[1], s[2]);
-        filled(xs.len(), h * d, |t0, ch| {
-            for (i, o) in ch.chunks_exact_mut(h * d).enumerate() {
-                let t = t0 + i;
-                let (c, sn) = (&cs[t * half..(t + 1) * half], &ss[t * half..(t + 1) * half]);
-                for hh in 0..h {
-                    let src = &xs[(t * h + hh) * d..(t * h + hh + 1) * d];
-                    let dst = &mut o[hh * d..(hh + 1) * d];
-                    let (x1, x2) = src.split_at(half);
-                    let (d1, d2) = dst.split_at_mut(half);
-                    for j in 0..half {
-                        d1[j].write(x1[j] * c[j] - x2[j] * sn[j]);
-                        d2[j].write(x1[j] * sn[j] + x2[j] * c[j]);
+    let res = if !fits {
+        None
+    } else {
+        with_f32(&[x, cos, sin], |s| {
+            let (xs, cs, ss) = (s[0], s[1], s[2]);
+            filled(xs.len(), h * d, |t0, ch| {
+                for (i, o) in ch.chunks_exact_mut(h * d).enumerate() {
+                    let t = t0 + i;
+                    let (c, sn) = (&cs[t * half..(t + 1) * half], &ss[t * half..(t + 1) * half]);
+                    for hh in 0..h {
+                        let src = &xs[(t * h + hh) * d..(t * h + hh + 1) * d];
+                        let dst = &mut o[hh * d..(hh + 1) * d];
+                        let (x1, x2) = src.split_at(half);
+                        let (d1, d2) = dst.split_at_mut(half);
+                        for j in 0..half {
+                            d1[j].write(x1[j] * c[j] - x2[j] * sn[j]);
+                            d2[j].write(x1[j] * sn[j] + x2[j] * c[j]);
+                        }
                     }
                 }
-            }
+            })
         })
-    })).flatten();
+    };
     match res {
         Some(v) => Tensor::from_vec(v, (n, h, d), x.device()),
         _ => {

@@ -485,6 +485,17 @@ impl<'a> From<&'a Q8_0Matrix> for QMat<'a> {
 }
 
 impl QMat<'_> {
+    /// The fewest rows of a call in which this matrix takes the AMX kernel (where the CPU
+    /// has it): Q4_1 panels are unpacked once per call, so two tiles' worth; 8-bit panels
+    /// with one scale per 32 values need no unpacking, so one tile; others never.
+    #[cfg(target_arch = "x86_64")]
+    fn amx_min_rows(&self) -> usize {
+        match self {
+            QMat::Q4(_) => amx::MIN_CALL_ROWS,
+            QMat::Q8(m) if m.uniform => amx::MIN_ROWS,
+            QMat::Q8(_) => usize::MAX,
+        }
+    }
     fn n(&self) -> usize {
         match self {
             QMat::Q4(m) => m.n,
@@ -517,8 +528,9 @@ fn matmul_many_isa(x: &[f32], rows: usize, mats: &[QMat], isa: Isa) -> Option<Ve
         return None;
     }
     let mut a = quantize_rows(x, rows, k);
+    // The tile layout of the activations, only when some matrix will take AMX.
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Amx && rows >= amx::MIN_ROWS {
+    if isa == Isa::Amx && mats.iter().any(|m| rows >= m.amx_min_rows()) {
         a.tiled = amx::tile_rows(&a.q, rows, k, mr(isa));
     }
     let mut outs: Vec<Uninit> = mats.iter().map(|m| Uninit::new(rows * m.n())).collect();
@@ -1026,10 +1038,9 @@ pub fn bench(n: usize, k: usize, rows: &[usize], reps: usize) -> Vec<GemmStat> {
     for &r in rows {
         let x: Vec<f32> = (0..r * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
         for (format, mat) in [("q4_1", QMat::Q4(&m4)), ("q8_0", QMat::Q8(&m8))] {
-            // Rows too few for an AMX tile (and Q4_1 calls too few for two) take VNNI: an
-            // AMX row would time the VNNI kernel again.
+            // Calls too small for AMX take VNNI: an AMX row would time VNNI again.
             #[cfg(target_arch = "x86_64")]
-            let no_amx = r < amx::MIN_ROWS || (matches!(mat, QMat::Q4(_)) && r < amx::MIN_CALL_ROWS);
+            let no_amx = r < mat.amx_min_rows();
             #[cfg(not(target_arch = "x86_64"))]
             let no_amx = true;
             for &kern in kernels.iter().filter(|&&k| !(k == Isa::Amx && no_amx)) {
@@ -1062,8 +1073,9 @@ pub fn bench(n: usize, k: usize, rows: &[usize], reps: usize) -> Vec<GemmStat> {
 /// `tdpbsud` multiplies a tile of up to 16 activation rows (a 32-value block, signed) by a
 /// panel block as bytes (8 rows of 64: the same four-interleaved layout as the VNNI
 /// operand; Q4_1 blocks are unpacked to it, Q8_0 blocks are stored in it), giving the
-/// exact 16x16 integer block sums that the VNNI kernel computes with 128 `vpdpbusd`. The sums go through the same float steps in the same order, so the
-/// result equals the VNNI kernel's bit for bit. Linux hands a process the tiles' 8 KB of
+/// exact 16x16 integer block sums that the VNNI kernel computes with 128 `vpdpbusd`. The
+/// sums go through the same float steps in the same order, so the result equals the VNNI
+/// kernel's bit for bit. Linux hands a process the tiles' 8 KB of
 /// state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); without it, or on a CPU
 /// without AMX, the VNNI kernel runs.
 #[cfg(target_arch = "x86_64")]
