@@ -492,6 +492,12 @@ struct BenchServeArgs {
     goodput_ttft_ms: Option<f64>,
     #[arg(long)]
     goodput_tpot_ms: Option<f64>,
+    /// Sampling temperature of the requests (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// top_p of the requests (default: not sent).
+    #[arg(long)]
+    top_p: Option<f64>,
     /// Write the result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -787,6 +793,8 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
         seed: a.seed,
         goodput_ttft_ms: a.goodput_ttft_ms,
         goodput_tpot_ms: a.goodput_tpot_ms,
+        temperature: a.temperature,
+        top_p: a.top_p,
     };
     let r = hromada_serve::bench::run(&cfg).map_err(anyhow::Error::msg)?;
     let v = serde_json::to_value(&r)?;

@@ -26,6 +26,10 @@ pub struct BenchConfig {
     pub seed: u64,
     pub goodput_ttft_ms: Option<f64>,
     pub goodput_tpot_ms: Option<f64>,
+    /// Sampling temperature of every request (0: greedy, as vLLM's benchmark).
+    pub temperature: f64,
+    /// top_p of every request (`None`: not sent).
+    pub top_p: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -68,6 +72,8 @@ pub struct BenchResult {
     pub request_rate: Option<f64>,
     pub input_len: usize,
     pub output_len: usize,
+    pub temperature: f64,
+    pub top_p: Option<f64>,
     pub completed: usize,
     pub failed: usize,
     pub errors: Vec<String>,
@@ -106,8 +112,11 @@ fn prompts(cfg: &BenchConfig) -> Result<Vec<Value>, String> {
 }
 
 fn one_request(cfg: &BenchConfig, model: &str, prompt: &Value) -> One {
-    let body = json!({"model": model, "prompt": prompt, "max_tokens": cfg.output_len, "temperature": 0,
+    let mut body = json!({"model": model, "prompt": prompt, "max_tokens": cfg.output_len, "temperature": cfg.temperature,
         "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true});
+    if let Some(p) = cfg.top_p {
+        body["top_p"] = json!(p);
+    }
     let mut req = ureq::post(&format!("{}/v1/completions", cfg.endpoint.trim_end_matches('/')))
         .set("Content-Type", "application/json")
         .timeout(Duration::from_secs(3600));
@@ -235,6 +244,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult, String> {
         request_rate: cfg.request_rate,
         input_len: cfg.input_len,
         output_len: cfg.output_len,
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
         completed: ok.len(),
         failed: rs.len() - ok.len(),
         errors,

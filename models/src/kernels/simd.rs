@@ -57,6 +57,41 @@ pub(crate) unsafe fn max_avx2(v: &[f32]) -> f32 {
     v[i..].iter().chain(&lanes).cloned().fold(f32::NEG_INFINITY, f32::max)
 }
 
+/// The unnormalised softmax of `v` at temperature `1/s`: `e^{(v_i − max)·s}` for every
+/// entry, 0 for NaN, `-inf` and anything below `e^-87` (f32's normal range). With AVX2
+/// eight lanes at a time (about 1 ulp); the result depends only on `v`, `max` and `s`.
+pub fn softmax_weights(v: &[f32], max: f32, s: f32) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: AVX2 and FMA were detected; both slices have v.len() entries.
+        i = unsafe { softmax_weights_avx2(v, max, s, &mut out) };
+    }
+    for (o, &x) in out[i..].iter_mut().zip(&v[i..]) {
+        let e = (x - max) * s;
+        *o = if e >= -87.0 { e.exp() } else { 0.0 };
+    }
+    out
+}
+
+/// The whole eight-lane blocks of [`softmax_weights`]; returns how many entries it wrote.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_weights_avx2(v: &[f32], max: f32, s: f32, out: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let (mv, sv, lo) = (_mm256_set1_ps(max), _mm256_set1_ps(s), _mm256_set1_ps(-87.0));
+    let mut i = 0;
+    while i + 8 <= v.len() {
+        let x = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v.as_ptr().add(i)), mv), sv);
+        // Ordered compare: NaN lanes (and -inf, and underflow) are zeroed.
+        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, lo);
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_and_ps(exp256(x), keep));
+        i += 8;
+    }
+    i
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn sum_exp_avx2(v: &[f32], m: f32) -> f64 {
@@ -164,6 +199,34 @@ mod tests {
         }
         assert_eq!(max_f32(&[f32::NAN; 20]), f32::NEG_INFINITY);
         assert_eq!(max_f32(&[f32::NEG_INFINITY; 9]), f32::NEG_INFINITY);
+    }
+
+    /// Every lane, SIMD block or tail: within f32 rounding of the f64 formula; NaN and
+    /// `-inf` give 0.
+    #[test]
+    fn softmax_weights_match_f64_and_zero_the_rest() {
+        let mut rng = crate::sampling::Rng::new(5);
+        for n in [0usize, 1, 7, 8, 9, 17, 1000] {
+            let mut v: Vec<f32> = (0..n).map(|_| (rng.next_f64() * 60.0 - 50.0) as f32).collect();
+            if n > 4 {
+                v[2] = f32::NAN;
+                v[n - 1] = f32::NEG_INFINITY;
+            }
+            let m = max_f32(&v);
+            for s in [1.0f32, 0.5, 3.0] {
+                let w = softmax_weights(&v, m, s);
+                assert_eq!(w.len(), n);
+                for (i, (&x, &got)) in v.iter().zip(&w).enumerate() {
+                    let e = ((x - m) * s) as f64;
+                    if !x.is_finite() || e < -87.0 {
+                        assert_eq!(got, 0.0, "n {n} i {i}");
+                    } else {
+                        let want = e.exp();
+                        assert!((got as f64 - want).abs() <= want * 1e-6, "n {n} i {i}: {got} vs {want}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
