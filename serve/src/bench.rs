@@ -134,6 +134,7 @@ fn one_request(cfg: &BenchConfig, model: &str, prompt: &Value) -> One {
     };
     let mut last = start;
     let mut chunks = 0usize;
+    let mut first_choice = None;
     for line in BufReader::new(resp.into_reader()).lines() {
         let Ok(line) = line else { break };
         let Some(data) = line.strip_prefix("data:").map(str::trim) else { continue };
@@ -145,7 +146,11 @@ fn one_request(cfg: &BenchConfig, model: &str, prompt: &Value) -> One {
             r.output_tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
             r.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
         }
-        let has_text = v["choices"].as_array().is_some_and(|c| c.iter().any(|c| c["text"].as_str().is_some_and(|t| !t.is_empty())));
+        let choices = v["choices"].as_array().filter(|c| !c.is_empty());
+        if choices.is_some() && first_choice.is_none() {
+            first_choice = Some(Instant::now());
+        }
+        let has_text = choices.is_some_and(|c| c.iter().any(|c| c["text"].as_str().is_some_and(|t| !t.is_empty())));
         if has_text {
             let now = Instant::now();
             if chunks == 0 {
@@ -158,6 +163,13 @@ fn one_request(cfg: &BenchConfig, model: &str, prompt: &Value) -> One {
         }
     }
     r.e2el = start.elapsed().as_secs_f64();
+    // A response whose tokens all decode to no text (one byte of a multi-byte character,
+    // a special token) still arrived: as vLLM's benchmark, its first choice chunk is the
+    // first token.
+    if let (0, Some(t)) = (chunks, first_choice) {
+        r.ttft = t.duration_since(start).as_secs_f64();
+        chunks = 1;
+    }
     if r.output_tokens == 0 {
         r.output_tokens = chunks;
     }

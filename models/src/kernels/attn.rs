@@ -365,6 +365,34 @@ unsafe fn exp_normaliser(s: &mut [f32], lo: usize, hi: usize, cap: Option<f32>) 
     1.0 / sum
 }
 
+/// [`exp_normaliser`] sixteen lanes at a time (the same exponential bits per score).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn exp_normaliser512(s: &mut [f32], lo: usize, hi: usize, cap: Option<f32>) -> f32 {
+    use super::simd::exp512;
+    use std::arch::x86_64::*;
+    let row = &mut s[lo..=hi];
+    if cap.is_some() {
+        for v in row.iter_mut() {
+            *v = softcap(*v, cap);
+        }
+    }
+    let mx = super::simd::max_avx2(row);
+    let (n, p) = (row.len(), row.as_mut_ptr());
+    let m = _mm512_set1_ps(mx);
+    let mut sumv = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < n {
+        // The last block masked: its missing lanes are neither read, written nor summed.
+        let k: __mmask16 = if n - i >= 16 { 0xFFFF } else { (1u16 << (n - i)) - 1 };
+        let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), m));
+        _mm512_mask_storeu_ps(p.add(i), k, e);
+        sumv = _mm512_mask_add_ps(sumv, k, sumv, e);
+        i += 16;
+    }
+    1.0 / _mm512_reduce_add_ps(sumv)
+}
+
 /// `G` query heads, AVX-512: scores 16 keys per FMA, values in register tiles of
 /// `G x 4` vectors (64 dims per pass).
 #[cfg(target_arch = "x86_64")]
@@ -420,7 +448,7 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
     let (lo, hi) = (first - base, last - base);
     let mut inv = [0f32; G];
     for (h, v) in inv.iter_mut().enumerate() {
-        *v = exp_normaliser(&mut scratch[h * len..(h + 1) * len], lo, hi, spec.softcap);
+        *v = exp_normaliser512(&mut scratch[h * len..(h + 1) * len], lo, hi, spec.softcap);
     }
     // Σ_j p_hj · v_j, 64 dims per pass, each value row read once for the G heads.
     let mut c0 = 0;

@@ -170,9 +170,14 @@ fn map2(a: &[f32], b: &[f32], act: Act) -> Vec<f32> {
         let (a, b) = (&a[r0 * width..r0 * width + ch.len()], &b[r0 * width..r0 * width + ch.len()]);
         #[cfg(target_arch = "x86_64")]
         if super::has_avx2() {
-            // SAFETY: AVX2, FMA and F16C were detected; the slices and `ch` have equal
-            // length, and the kernel writes all of `ch`.
-            unsafe { map2_avx2(a, b, ch.as_mut_ptr() as *mut f32, act) };
+            let out = ch.as_mut_ptr() as *mut f32;
+            // SAFETY: AVX2, FMA and F16C were detected (AVX-512F too for the wide
+            // kernel); the slices and `ch` have equal length, and the kernels write all
+            // of `ch`: the wide one its whole 16-lane blocks, the narrow one the rest.
+            unsafe {
+                let done = if super::has_avx512() { map2_avx512(a, b, out, act) } else { 0 };
+                map2_avx2(&a[done..], &b[done..], out.add(done), act);
+            }
             return;
         }
         for ((o, &x), &y) in ch.iter_mut().zip(a).zip(b) {
@@ -189,6 +194,33 @@ const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 
 fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// [`map2_avx2`] sixteen lanes at a time, with the same steps per lane (so the same bits);
+/// returns how many leading values it wrote (whole blocks of 16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn map2_avx512(a: &[f32], b: &[f32], out: *mut f32, act: Act) -> usize {
+    use super::simd::exp512;
+    use std::arch::x86_64::*;
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i + 16 <= a.len() {
+        let (x, y) = (_mm512_loadu_ps(a.as_ptr().add(i)), _mm512_loadu_ps(b.as_ptr().add(i)));
+        let r = match act {
+            Act::Silu => _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)))), y),
+            Act::Gelu => {
+                let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+                let z = _mm512_mul_ps(_mm512_set1_ps(SQRT_2_OVER_PI), _mm512_fmadd_ps(_mm512_set1_ps(0.044715), x3, x));
+                let e = exp512(_mm512_mul_ps(_mm512_set1_ps(-2.0), z));
+                _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), y)
+            }
+            Act::Add => _mm512_add_ps(x, y),
+        };
+        _mm512_storeu_ps(out.add(i), r);
+        i += 16;
+    }
+    i
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -161,6 +161,30 @@ pub(crate) unsafe fn exp256(x: std::arch::x86_64::__m256) -> std::arch::x86_64::
 }
 
 
+/// [`exp256`] on sixteen lanes: the same steps, so every lane's result is the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.336_55));
+    let x = _mm512_min_ps(x, _mm512_set1_ps(88.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_2e-3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166_666_65));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+    let r2 = _mm512_mul_ps(r, r);
+    let e = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+    let ni = _mm512_cvtps_epi32(n);
+    let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127))));
+    _mm512_mul_ps(e, pow2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +249,28 @@ mod tests {
                         assert!((got as f64 - want).abs() <= want * 1e-6, "n {n} i {i}: {got} vs {want}");
                     }
                 }
+            }
+        }
+    }
+
+    /// The sixteen-lane exponential gives the eight-lane one's bits, lane for lane.
+    #[test]
+    fn exp512_equals_exp256() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::has_avx512() {
+            let mut x = -120.0f32;
+            while x <= 100.0 {
+                let lanes: Vec<f32> = (0..16).map(|i| x + i as f32 * 0.0071).collect();
+                let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+                // SAFETY: AVX-512F, AVX2 and FMA detected; the arrays hold 16 lanes.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    _mm512_storeu_ps(a.as_mut_ptr(), exp512(_mm512_loadu_ps(lanes.as_ptr())));
+                    _mm256_storeu_ps(b.as_mut_ptr(), exp256(_mm256_loadu_ps(lanes.as_ptr())));
+                    _mm256_storeu_ps(b.as_mut_ptr().add(8), exp256(_mm256_loadu_ps(lanes.as_ptr().add(8))));
+                }
+                assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "at {x}");
+                x += 0.37;
             }
         }
     }
