@@ -30,7 +30,9 @@ wait_up() {
   return 1
 }
 
-"$BIN" serve --model "$GGUF" --port 8021 >/tmp/hromada-bench-serve.log 2>&1 &
+# HROMADA_SERVE_EXTRA: more `hromada serve` flags (e.g. --kv-cache-dtype q8).
+# shellcheck disable=SC2086
+"$BIN" serve --model "$GGUF" --port 8021 ${HROMADA_SERVE_EXTRA:-} >/tmp/hromada-bench-serve.log 2>&1 &
 pids+=($!)
 servers=("hromada http://127.0.0.1:8021")
 if [ -x "$LLAMA" ]; then

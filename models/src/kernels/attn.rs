@@ -327,6 +327,20 @@ unsafe fn load8<E: KvElem>(p: *const E) -> std::arch::x86_64::__m256 {
     }
 }
 
+/// The scores soft-capped in place (`cap·tanh(s/cap)`, where the model sets a cap), and their
+/// maximum, eight lanes at a time (the scalar fold's NaN handling made it a serial chain
+/// of several instructions per score, a tenth of a prompt's attention time).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn capped_max(row: &mut [f32], cap: Option<f32>) -> f32 {
+    if cap.is_some() {
+        for v in row.iter_mut() {
+            *v = softcap(*v, cap);
+        }
+    }
+    super::simd::max_avx2(row)
+}
+
 /// softmax over `s[lo..=hi]` in place (exp(s - max), eight lanes at a time); returns
 /// 1 / Σ. Entries outside the range are left as they are.
 #[cfg(target_arch = "x86_64")]
@@ -334,14 +348,7 @@ unsafe fn load8<E: KvElem>(p: *const E) -> std::arch::x86_64::__m256 {
 unsafe fn exp_normaliser(s: &mut [f32], lo: usize, hi: usize, cap: Option<f32>) -> f32 {
     use std::arch::x86_64::*;
     let row = &mut s[lo..=hi];
-    if cap.is_some() {
-        for v in row.iter_mut() {
-            *v = softcap(*v, cap);
-        }
-    }
-    // The maximum eight lanes at a time (the scalar fold's NaN handling made it a serial
-    // chain of several instructions per score, a tenth of a prompt's attention time).
-    let mx = super::simd::max_avx2(row);
+    let mx = capped_max(row, cap);
     let n = row.len();
     let p = row.as_mut_ptr();
     let m = _mm256_set1_ps(mx);
@@ -372,12 +379,7 @@ unsafe fn exp_normaliser512(s: &mut [f32], lo: usize, hi: usize, cap: Option<f32
     use super::simd::exp512;
     use std::arch::x86_64::*;
     let row = &mut s[lo..=hi];
-    if cap.is_some() {
-        for v in row.iter_mut() {
-            *v = softcap(*v, cap);
-        }
-    }
-    let mx = super::simd::max_avx2(row);
+    let mx = capped_max(row, cap);
     let (n, p) = (row.len(), row.as_mut_ptr());
     let m = _mm512_set1_ps(mx);
     let mut sumv = _mm512_setzero_ps();
