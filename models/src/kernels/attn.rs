@@ -327,9 +327,9 @@ unsafe fn load8<E: KvElem>(p: *const E) -> std::arch::x86_64::__m256 {
     }
 }
 
-/// The scores soft-capped in place (`cap·tanh(s/cap)`, where the model sets a cap), and their
-/// maximum, eight lanes at a time (the scalar fold's NaN handling made it a serial chain
-/// of several instructions per score, a tenth of a prompt's attention time).
+/// The scores soft-capped in place (`cap·tanh(s/cap)`, where the model sets a cap), and
+/// their maximum, eight lanes at a time (the scalar fold's NaN handling made it a serial
+/// chain of several instructions per score, a tenth of a prompt's attention time).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn capped_max(row: &mut [f32], cap: Option<f32>) -> f32 {
