@@ -82,6 +82,11 @@ fn bad_requests_get_4xx_and_the_server_stays_healthy() {
         (r#"{"messages": []}"#.into(), 400, "at least one message"),
         (r#"{"messages": [{"role": "user", "content": "x"}], "temperature": -1}"#.into(), 400, "temperature"),
         (r#"{"messages": [{"role": "user", "content": "x"}], "n": 1000}"#.into(), 400, "n must be"),
+        (r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}"#.into(), 400, "messages[0].content[0] has type `image_url`"),
+        (r#"{"messages": [{"role": "user", "content": 5}]}"#.into(), 400, "messages[0].content must be"),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}"#.into(), 400, "response_format"),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}"#.into(), 400, "tool calling"),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"15": 100}}"#.into(), 400, "logit_bias"),
         (format!(r#"{{"messages": [{{"role": "user", "content": "{}"}}]}}"#, "a".repeat(10 << 20)), 413, "exceeds the limit"),
         (format!(r#"{{"messages": [{{"role": "user", "content": "{}"}}], "max_tokens": 10}}"#, "слово ".repeat(9000)), 400, "maximum context length"),
     ];
@@ -98,6 +103,12 @@ fn bad_requests_get_4xx_and_the_server_stays_healthy() {
     assert_eq!(get(&s.base, "/health").0, 200);
     assert_eq!(get(&s.base, "/ready").0, 200);
     let (code, text) = post(&s.base, chat, r#"{"messages": [{"role": "user", "content": "Привіт"}], "max_tokens": 3}"#, None);
+    assert_eq!(code, 200, "{text}");
+    // Accepted: text content parts, null assistant content, tools with tool_choice "none",
+    // response_format `text`, an empty logit_bias.
+    let ok = r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "Привіт"}]}, {"role": "assistant", "content": null}, {"role": "user", "content": "?"}],
+        "max_tokens": 2, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}}"#;
+    let (code, text) = post(&s.base, chat, ok, None);
     assert_eq!(code, 200, "{text}");
     let (code, doc) = get(&s.base, "/openapi.json");
     assert_eq!(code, 200);

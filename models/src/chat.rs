@@ -13,8 +13,9 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// One chat message. `content` is usually a string; OpenAI-style content parts
-/// (`[{"type":"text","text":...}]`) are passed through to the template unchanged.
+/// One chat message. `content` is a string, OpenAI-style content parts
+/// (`[{"type":"text","text":...}]`) or null; see [`ChatTemplate::apply`] for how each
+/// reaches the template.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Message {
     pub role: String,
@@ -38,6 +39,48 @@ pub struct ChatTemplate {
     source: String,
     pub bos_token: String,
     pub eos_token: String,
+    /// The template loops over a message's content parts (multimodal-aware templates such
+    /// as Gemma 3's); else it expects content to be a string.
+    takes_parts: bool,
+}
+
+/// Whether a template iterates over message content (`{% for p in message['content'] %}`),
+/// vLLM's "openai" content format; templates that only concatenate content take strings.
+fn iterates_content(source: &str) -> bool {
+    static RE: std::sync::OnceLock<Option<regex::Regex>> = std::sync::OnceLock::new();
+    RE.get_or_init(|| regex::Regex::new(r#"\{%-?\s*for\s+\w+\s+in\s+[^%]*(\[\s*['"]content['"]\s*\]|\.content\b)[^%]*%\}"#).ok())
+        .as_ref()
+        .is_some_and(|re| re.is_match(source))
+}
+
+/// A message's content as the template gets it: null becomes `""`; content parts must all
+/// be text (these are text-only models) and are joined with newlines unless the template
+/// takes parts (as vLLM does); anything else is an error naming the message and part.
+fn template_content(i: usize, content: &Value, takes_parts: bool) -> Result<Value> {
+    let parts = match content {
+        Value::Null => return Ok(Value::String(String::new())),
+        Value::String(_) => return Ok(content.clone()),
+        Value::Array(parts) => parts,
+        other => {
+            let kind = match other {
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                _ => "an object",
+            };
+            return Err(Error::Template(format!("messages[{i}].content must be a string, an array of content parts or null, not {kind}")));
+        }
+    };
+    let mut texts = Vec::with_capacity(parts.len());
+    for (j, part) in parts.iter().enumerate() {
+        let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+        match (kind, part.get("text").and_then(Value::as_str)) {
+            ("text", Some(t)) => texts.push(t),
+            ("text", None) => return Err(Error::Template(format!("messages[{i}].content[{j}] is a text part without a string `text`"))),
+            ("", _) => return Err(Error::Template(format!("messages[{i}].content[{j}] has no `type`"))),
+            (other, _) => return Err(Error::Template(format!("messages[{i}].content[{j}] has type `{other}`: this model takes text only"))),
+        }
+    }
+    Ok(if takes_parts { content.clone() } else { Value::String(texts.join("\n")) })
 }
 
 /// Python's `json.dumps(v, ensure_ascii=False, indent=indent)`.
@@ -159,8 +202,10 @@ fn strftime_now(fmt: String) -> std::result::Result<JValue, JError> {
 
 impl ChatTemplate {
     pub fn new(source: impl Into<String>, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Result<Self> {
+        let source = source.into();
         let t = Self {
-            source: source.into(),
+            takes_parts: iterates_content(&source),
+            source,
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
         };
@@ -187,6 +232,9 @@ impl ChatTemplate {
     }
 
     /// Render `messages` (`add_generation_prompt`: end with the assistant turn's header).
+    /// Null content renders as an empty string. Content parts must be text; a template
+    /// that iterates over content gets them as they are, any other gets their texts
+    /// joined with newlines (vLLM's two content formats).
     pub fn apply(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         self.apply_with(messages, add_generation_prompt, &serde_json::Map::new())
     }
@@ -205,7 +253,16 @@ impl ChatTemplate {
         for (k, v) in extra {
             ctx.insert(k.clone(), v.clone());
         }
-        ctx.insert("messages".into(), serde_json::to_value(messages).map_err(|e| Error::Template(e.to_string()))?);
+        let mut msgs = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            let mut m = serde_json::to_value(m).map_err(|e| Error::Template(e.to_string()))?;
+            if let Some(obj) = m.as_object_mut() {
+                let content = template_content(i, obj.get("content").unwrap_or(&Value::Null), self.takes_parts)?;
+                obj.insert("content".into(), content);
+            }
+            msgs.push(m);
+        }
+        ctx.insert("messages".into(), Value::Array(msgs));
         ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
         ctx.insert("bos_token".into(), Value::String(self.bos_token.clone()));
         ctx.insert("eos_token".into(), Value::String(self.eos_token.clone()));
@@ -268,6 +325,30 @@ mod tests {
             .apply(&[Message::new("user", " hi "), Message::new("user", "yo"), Message::new("user", "zz")], false)
             .unwrap();
         assert_eq!(out, "HI!YO");
+    }
+
+    #[test]
+    fn content_parts_and_null_content() {
+        let parts = |texts: &[&str]| Value::Array(texts.iter().map(|t| serde_json::json!({"type": "text", "text": t})).collect());
+        let msg = |role: &str, content: Value| Message { role: role.into(), content, extra: Default::default() };
+        // A template that concatenates content gets the texts joined with newlines, the
+        // same prompt as the joined string; null content is empty.
+        let chatml = t(CHATML_TEMPLATE);
+        let out = chatml.apply(&[msg("user", parts(&["Як отримати", "довідку?"])), msg("assistant", Value::Null)], false).unwrap();
+        assert_eq!(out, chatml.apply(&[Message::new("user", "Як отримати\nдовідку?"), Message::new("assistant", "")], false).unwrap());
+        assert!(!iterates_content(CHATML_TEMPLATE) && !iterates_content(GEMMA_TEMPLATE));
+        // A template that loops over parts gets them unchanged.
+        let src = "{% for m in messages %}{% if m.content is string %}{{ m.content }}{% else %}{%- for p in m['content'] -%}[{{ p.text }}]{% endfor %}{% endif %}{% endfor %}";
+        assert!(iterates_content(src));
+        assert_eq!(t(src).apply(&[msg("user", parts(&["a", "b"])), Message::new("user", "c")], false).unwrap(), "[a][b]c");
+        // Non-text parts and other content types are errors naming the message and part.
+        let image = Value::Array(vec![serde_json::json!({"type": "text", "text": "x"}), serde_json::json!({"type": "image_url", "image_url": {"url": "data:"}})]);
+        let e = chatml.apply(&[Message::new("system", "s"), msg("user", image)], false).unwrap_err().to_string();
+        assert!(e.contains("messages[1].content[1]") && e.contains("image_url"), "{e}");
+        let e = chatml.apply(&[msg("user", serde_json::json!(5))], false).unwrap_err().to_string();
+        assert!(e.contains("messages[0].content") && e.contains("a number"), "{e}");
+        let e = chatml.apply(&[msg("user", serde_json::json!([{"type": "text"}]))], false).unwrap_err().to_string();
+        assert!(e.contains("without a string `text`"), "{e}");
     }
 
     #[test]

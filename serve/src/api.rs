@@ -106,6 +106,8 @@ pub struct Common {
     pub user: Option<String>,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Not implemented: a non-empty map is refused rather than silently ignored.
+    pub logit_bias: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -116,6 +118,41 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
+    pub response_format: Option<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+}
+
+/// Whether an optional JSON field is absent in effect: missing, null, `[]` or `{}`.
+fn unset(v: &Option<Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => true,
+        Some(Value::Array(a)) => a.is_empty(),
+        Some(Value::Object(o)) => o.is_empty(),
+        Some(_) => false,
+    }
+}
+
+impl ChatRequest {
+    /// Refuses what this server cannot honour instead of ignoring it: a client asking for
+    /// JSON output or tool calls must not get free text that looks like success.
+    pub fn check_supported(&self) -> Result<(), ApiError> {
+        if let Some(f) = self.response_format.as_ref().filter(|f| !f.is_null()) {
+            let kind = f.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind != "text" {
+                return Err(ApiError::bad(format!("response_format of type `{kind}` is not supported: this server has no structured output (only `text`)"), Some("response_format")));
+            }
+        }
+        let tool_choice_none = self.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
+        if !unset(&self.tools) && !tool_choice_none {
+            return Err(ApiError::bad("tool calling is not supported by this server; send tool_choice \"none\" to have the tools ignored", Some("tools")));
+        }
+        if !unset(&self.functions) {
+            return Err(ApiError::bad("function calling is not supported by this server", Some("functions")));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +179,9 @@ pub const MAX_TOP_LOGPROBS: i64 = 20;
 impl Common {
     /// Sampling parameters after range checks; `default_max` applies when no max is set.
     pub fn sampling(&self, default_max: usize) -> Result<(SamplingParams, usize), ApiError> {
+        if !unset(&self.logit_bias) {
+            return Err(ApiError::bad("logit_bias is not supported by this server", Some("logit_bias")));
+        }
         let max = self.max_completion_tokens.or(self.max_tokens);
         let max_tokens = match max {
             None => default_max,

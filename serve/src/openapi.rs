@@ -14,13 +14,21 @@ pub fn document() -> Value {
         "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 8}]},
         "seed": {"type": "integer", "minimum": 0}, "n": {"type": "integer", "minimum": 1, "maximum": 16},
         "stream": {"type": "boolean"}, "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-        "user": {"type": "string"}, "ignore_eos": {"type": "boolean"}
+        "user": {"type": "string"}, "ignore_eos": {"type": "boolean"},
+        "logit_bias": {"type": "object", "maxProperties": 0, "description": "not supported: a non-empty map gets 400"}
     });
     let mut chat_props = sampling.clone();
     let mut cmpl_props = sampling;
     if let (Some(c), Some(p)) = (chat_props.as_object_mut(), cmpl_props.as_object_mut()) {
         c.insert("messages".into(), json!({"type": "array", "minItems": 1, "items": {"type": "object",
-            "required": ["role", "content"], "properties": {"role": {"type": "string"}, "content": {}}}}));
+            "required": ["role", "content"], "properties": {"role": {"type": "string"}, "content": {"oneOf": [
+                {"type": "string"}, {"type": "null"},
+                {"type": "array", "description": "content parts; text only (other types get 400)", "items": {"type": "object",
+                    "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}}}}));
+        c.insert("response_format".into(), json!({"type": "object", "description": "only `{\"type\": \"text\"}`; other types get 400",
+            "properties": {"type": {"const": "text"}}}));
+        c.insert("tools".into(), json!({"type": "array", "description": "accepted only with tool_choice \"none\" (ignored); tool calls are not supported"}));
+        c.insert("tool_choice".into(), json!({}));
         c.insert("logprobs".into(), json!({"type": "boolean"}));
         c.insert("top_logprobs".into(), json!({"type": "integer", "minimum": 0, "maximum": 20}));
         p.insert("prompt".into(), json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},

@@ -445,6 +445,7 @@ async fn chat_inner(state: Arc<AppState>, headers: HeaderMap, body: axum::body::
     if req.messages.is_empty() {
         return Err(ApiError::bad("`messages` must contain at least one message", Some("messages")));
     }
+    req.check_supported()?;
     let (params, n) = req.common.sampling(state.cfg.default_max_tokens)?;
     let top = match req.top_logprobs {
         None => 0,

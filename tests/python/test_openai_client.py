@@ -78,6 +78,24 @@ def test_completions_logprobs_seed_and_n(server):
     assert len(a.choices) == 2
 
 
+def test_content_parts_equal_the_joined_string(server):
+    c = client(server)
+    parts = [{"type": "text", "text": "Як отримати"}, {"type": "text", "text": "довідку про доходи?"}]
+    a = c.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": parts}], max_tokens=10, temperature=0)
+    b = c.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Як отримати\nдовідку про доходи?"}],
+                                  max_tokens=10, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="smollm2-135m", max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}])
+    assert "image_url" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="smollm2-135m", max_tokens=2, messages=[{"role": "user", "content": "x"}],
+                                  response_format={"type": "json_object"})
+    assert "response_format" in str(e.value)
+
+
 def test_bad_key_and_bad_request(server):
     with pytest.raises(openai.AuthenticationError):
         client(server, "wrong-key").chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "x"}])
