@@ -86,7 +86,10 @@ fn bad_requests_get_4xx_and_the_server_stays_healthy() {
         (r#"{"messages": [{"role": "user", "content": 5}]}"#.into(), 400, "messages[0].content must be"),
         (r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}"#.into(), 400, "response_format"),
         (r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}"#.into(), 400, "tool calling"),
-        (r#"{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"15": 100}}"#.into(), 400, "logit_bias"),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}"#.into(), 400, "logit_bias keys must be token ids"),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999999": 1}}"#.into(), 400, "below the vocabulary size"),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"15": 1000}}"#.into(), 400, "logit_bias values must be in [-100, 100]"),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "logit_bias": [1]}"#.into(), 400, "logit_bias must be an object"),
         (format!(r#"{{"messages": [{{"role": "user", "content": "{}"}}]}}"#, "a".repeat(10 << 20)), 413, "exceeds the limit"),
         (format!(r#"{{"messages": [{{"role": "user", "content": "{}"}}], "max_tokens": 10}}"#, "слово ".repeat(9000)), 400, "maximum context length"),
     ];
@@ -110,6 +113,16 @@ fn bad_requests_get_4xx_and_the_server_stays_healthy() {
         "max_tokens": 2, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}}"#;
     let (code, text) = post(&s.base, chat, ok, None);
     assert_eq!(code, 200, "{text}");
+    // logit_bias: +100 on one token makes greedy decoding repeat it; echoing that token id
+    // as a prompt shows it is the same token.
+    let (code, text) = post(&s.base, "/v1/completions", r#"{"prompt": [504, 3458], "max_tokens": 3, "temperature": 0, "logprobs": 1, "logit_bias": {"1234": 100}}"#, None);
+    assert_eq!(code, 200, "{text}");
+    let toks = json(&text)["choices"][0]["logprobs"]["tokens"].clone();
+    let (code, echo) = post(&s.base, "/v1/completions", r#"{"prompt": [1234], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": true}"#, None);
+    assert_eq!(code, 200, "{echo}");
+    let want = json(&echo)["choices"][0]["logprobs"]["tokens"][0].clone();
+    assert!(want.is_string());
+    assert_eq!(toks, serde_json::json!([want, want, want]), "{text}");
     let (code, doc) = get(&s.base, "/openapi.json");
     assert_eq!(code, 200);
     let doc = json(&doc);

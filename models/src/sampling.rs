@@ -28,6 +28,10 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// Do not stop at the model's end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// OpenAI's `logit_bias`: added to these tokens' logits (after the penalties) before
+    /// the choice; log-probs stay those of the model.
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -45,6 +49,7 @@ impl Default for SamplingParams {
             stop_token_ids: vec![],
             stop: vec![],
             ignore_eos: false,
+            logit_bias: vec![],
         }
     }
 }
@@ -88,6 +93,9 @@ impl SamplingParams {
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return bad("stop strings must not be empty".into());
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return bad(format!("logit_bias values must be in [-100, 100], got {b} for token {id}"));
         }
         Ok(())
     }
@@ -214,9 +222,14 @@ impl Sampler {
     pub fn sample(&mut self, raw: &[f32]) -> Sampled {
         let p = &self.params;
         let penalised;
-        let logits = if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        let logits = if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 || !p.logit_bias.is_empty() {
             let mut l = raw.to_vec();
             self.apply_penalties(&mut l);
+            for &(id, b) in &p.logit_bias {
+                if let Some(x) = l.get_mut(id as usize) {
+                    *x += b;
+                }
+            }
             penalised = l;
             &penalised[..]
         } else {
@@ -486,6 +499,24 @@ mod tests {
 
     /// The SIMD argmax picks what a first-wins scalar scan picks: ties, NaNs, `-inf`,
     /// lengths around the vector blocks, a vocabulary-sized row.
+    #[test]
+    fn logit_bias_moves_the_choice_not_the_logprob() {
+        let logits = [1.0f32, 5.0, 2.0, 0.5];
+        let greedy = |bias: Vec<(u32, f32)>| Sampler::new(SamplingParams { logit_bias: bias, ..SamplingParams::greedy(4) }, &[]).sample(&logits);
+        assert_eq!(greedy(vec![]).token, 1);
+        let s = greedy(vec![(3, 100.0)]);
+        assert_eq!(s.token, 3);
+        assert_eq!(s.logprob, log_softmax_at(&logits, 3), "the log-prob is the model's, unbiased");
+        assert_eq!(greedy(vec![(1, -100.0)]).token, 2);
+        // A token id past the row is ignored by the sampler (the server refuses it first).
+        assert_eq!(greedy(vec![(99, 100.0)]).token, 1);
+        // Sampled: a +100 bias takes all the mass.
+        let p = SamplingParams { logit_bias: vec![(0, 100.0)], seed: Some(3), ..Default::default() };
+        let mut s = Sampler::new(p.clone(), &[]);
+        assert!((0..20).all(|_| s.sample(&logits).token == 0));
+        assert!(SamplingParams { logit_bias: vec![(0, 101.0)], ..p }.validate().is_err());
+    }
+
     #[test]
     fn argmax_matches_a_scalar_scan() {
         let scan = |v: &[f32]| {

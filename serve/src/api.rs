@@ -106,7 +106,7 @@ pub struct Common {
     pub user: Option<String>,
     #[serde(default)]
     pub ignore_eos: bool,
-    /// Not implemented: a non-empty map is refused rather than silently ignored.
+    /// Token id (as a string, OpenAI's form) -> bias in [-100, 100].
     pub logit_bias: Option<Value>,
 }
 
@@ -122,6 +122,27 @@ pub struct ChatRequest {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub functions: Option<Value>,
+}
+
+impl Common {
+    /// `logit_bias` as (token, bias) pairs: an object of token ids (strings or numbers as
+    /// keys, OpenAI sends strings) to numbers; ranges are checked by `validate`.
+    fn logit_bias(&self, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+        let bad = |m: String| ApiError::bad(m, Some("logit_bias"));
+        match &self.logit_bias {
+            None | Some(Value::Null) => Ok(vec![]),
+            Some(Value::Object(o)) => o
+                .iter()
+                .map(|(k, v)| {
+                    let id = k.trim().parse::<u32>().ok().filter(|&id| (id as usize) < vocab);
+                    let id = id.ok_or_else(|| bad(format!("logit_bias keys must be token ids below the vocabulary size {vocab}, got `{k}`")))?;
+                    let b = v.as_f64().ok_or_else(|| bad(format!("logit_bias values must be numbers, got {v} for token {k}")))?;
+                    Ok((id, b as f32))
+                })
+                .collect(),
+            Some(other) => Err(bad(format!("logit_bias must be an object of token ids to biases, got {other}"))),
+        }
+    }
 }
 
 /// Whether an optional JSON field is absent in effect: missing, null, `[]` or `{}`.
@@ -178,10 +199,9 @@ pub const MAX_TOP_LOGPROBS: i64 = 20;
 
 impl Common {
     /// Sampling parameters after range checks; `default_max` applies when no max is set.
-    pub fn sampling(&self, default_max: usize) -> Result<(SamplingParams, usize), ApiError> {
-        if !unset(&self.logit_bias) {
-            return Err(ApiError::bad("logit_bias is not supported by this server", Some("logit_bias")));
-        }
+    /// `vocab`: the model's vocabulary size (logit_bias keys must be below it).
+    pub fn sampling(&self, default_max: usize, vocab: usize) -> Result<(SamplingParams, usize), ApiError> {
+        let logit_bias = self.logit_bias(vocab)?;
         let max = self.max_completion_tokens.or(self.max_tokens);
         let max_tokens = match max {
             None => default_max,
@@ -221,10 +241,11 @@ impl Common {
             stop,
             ignore_eos: self.ignore_eos,
             stop_token_ids: vec![],
+            logit_bias,
         };
         p.validate().map_err(|e| {
             let msg = e.to_string();
-            let field = ["temperature", "top_p", "min_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop"]
+            let field = ["temperature", "top_p", "min_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop", "logit_bias"]
                 .into_iter()
                 .find(|f| msg.contains(f));
             ApiError::bad(msg.trim_start_matches("invalid argument: ").to_string(), field)

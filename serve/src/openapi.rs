@@ -15,7 +15,7 @@ pub fn document() -> Value {
         "seed": {"type": "integer", "minimum": 0}, "n": {"type": "integer", "minimum": 1, "maximum": 16},
         "stream": {"type": "boolean"}, "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
         "user": {"type": "string"}, "ignore_eos": {"type": "boolean"},
-        "logit_bias": {"type": "object", "maxProperties": 0, "description": "not supported: a non-empty map gets 400"}
+        "logit_bias": {"type": "object", "description": "token id -> bias added to its logit", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
     });
     let mut chat_props = sampling.clone();
     let mut cmpl_props = sampling;

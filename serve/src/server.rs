@@ -91,7 +91,7 @@ enum Cmd {
     Add {
         id: u64,
         prompt: Vec<u32>,
-        params: SamplingParams,
+        params: Box<SamplingParams>,
         top: usize,
         prompt_lp: Option<usize>,
         tx: mpsc::UnboundedSender<Result<TokenOut, String>>,
@@ -116,7 +116,7 @@ fn engine_loop(mut engine: Engine, rx: std::sync::mpsc::Receiver<Cmd>, metrics: 
     let handle = |engine: &mut Engine, senders: &mut HashMap<u64, _>, cmd: Cmd| match cmd {
         Cmd::Add { id, prompt, params, top, prompt_lp, tx } => {
             let n = prompt.len() as u64;
-            match engine.add_with_prompt_logprobs(id, prompt, params, top, prompt_lp) {
+            match engine.add_with_prompt_logprobs(id, prompt, *params, top, prompt_lp) {
                 Ok(()) => {
                     metrics.prompt_tokens.fetch_add(n, Ordering::Relaxed);
                     senders.insert(id, tx);
@@ -290,7 +290,7 @@ fn launch(
             let (ttx, mut trx) = mpsc::unbounded_channel();
             let stops = p.stop.clone();
             let first = prompt.first().copied().unwrap_or(0);
-            if state.tx.send(Cmd::Add { id, prompt: prompt.clone(), params: p, top, prompt_lp, tx: ttx }).is_err() {
+            if state.tx.send(Cmd::Add { id, prompt: prompt.clone(), params: Box::new(p), top, prompt_lp, tx: ttx }).is_err() {
                 let _ = dtx.send(Delta::Error("the engine has stopped".into()));
                 continue;
             }
@@ -446,7 +446,7 @@ async fn chat_inner(state: Arc<AppState>, headers: HeaderMap, body: axum::body::
         return Err(ApiError::bad("`messages` must contain at least one message", Some("messages")));
     }
     req.check_supported()?;
-    let (params, n) = req.common.sampling(state.cfg.default_max_tokens)?;
+    let (params, n) = req.common.sampling(state.cfg.default_max_tokens, state.model.model.vocab_size())?;
     let top = match req.top_logprobs {
         None => 0,
         Some(k) if (0..=MAX_TOP_LOGPROBS).contains(&k) => k as usize,
@@ -615,7 +615,7 @@ async fn completions_inner(state: Arc<AppState>, headers: HeaderMap, body: axum:
     let body = read_body(&state, body).await?;
     let req: CompletionRequest = parse(&body)?;
     check_model(&state, &req.common.model)?;
-    let (params, n) = req.common.sampling(16)?;
+    let (params, n) = req.common.sampling(16, state.model.model.vocab_size())?;
     let top = match req.logprobs {
         None => 0,
         Some(k) if (0..=5).contains(&k) => k as usize,

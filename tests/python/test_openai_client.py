@@ -76,6 +76,10 @@ def test_completions_logprobs_seed_and_n(server):
     b = c.completions.create(model="smollm2-135m", prompt="Київ —", max_tokens=8, temperature=0.9, seed=7, n=2)
     assert [x.text for x in a.choices] == [x.text for x in b.choices]
     assert len(a.choices) == 2
+    # logit_bias: +100 on one token id makes greedy decoding repeat that token.
+    r = c.completions.create(model="smollm2-135m", prompt="Київ —", max_tokens=3, temperature=0, logprobs=1, logit_bias={"1234": 100})
+    toks = r.choices[0].logprobs.tokens
+    assert len(toks) == 3 and len(set(toks)) == 1, toks
 
 
 def test_content_parts_equal_the_joined_string(server):
