@@ -497,8 +497,6 @@ mod tests {
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).token, 1);
     }
 
-    /// The SIMD argmax picks what a first-wins scalar scan picks: ties, NaNs, `-inf`,
-    /// lengths around the vector blocks, a vocabulary-sized row.
     #[test]
     fn logit_bias_moves_the_choice_not_the_logprob() {
         let logits = [1.0f32, 5.0, 2.0, 0.5];
@@ -517,6 +515,8 @@ mod tests {
         assert!(SamplingParams { logit_bias: vec![(0, 101.0)], ..p }.validate().is_err());
     }
 
+    /// The SIMD argmax picks what a first-wins scalar scan picks: ties, NaNs, `-inf`,
+    /// lengths around the vector blocks, a vocabulary-sized row.
     #[test]
     fn argmax_matches_a_scalar_scan() {
         let scan = |v: &[f32]| {

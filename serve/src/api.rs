@@ -124,27 +124,6 @@ pub struct ChatRequest {
     pub functions: Option<Value>,
 }
 
-impl Common {
-    /// `logit_bias` as (token, bias) pairs: an object of token ids (strings or numbers as
-    /// keys, OpenAI sends strings) to numbers; ranges are checked by `validate`.
-    fn logit_bias(&self, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
-        let bad = |m: String| ApiError::bad(m, Some("logit_bias"));
-        match &self.logit_bias {
-            None | Some(Value::Null) => Ok(vec![]),
-            Some(Value::Object(o)) => o
-                .iter()
-                .map(|(k, v)| {
-                    let id = k.trim().parse::<u32>().ok().filter(|&id| (id as usize) < vocab);
-                    let id = id.ok_or_else(|| bad(format!("logit_bias keys must be token ids below the vocabulary size {vocab}, got `{k}`")))?;
-                    let b = v.as_f64().ok_or_else(|| bad(format!("logit_bias values must be numbers, got {v} for token {k}")))?;
-                    Ok((id, b as f32))
-                })
-                .collect(),
-            Some(other) => Err(bad(format!("logit_bias must be an object of token ids to biases, got {other}"))),
-        }
-    }
-}
-
 /// Whether an optional JSON field is absent in effect: missing, null, `[]` or `{}`.
 fn unset(v: &Option<Value>) -> bool {
     match v {
@@ -251,5 +230,24 @@ impl Common {
             ApiError::bad(msg.trim_start_matches("invalid argument: ").to_string(), field)
         })?;
         Ok((p, n as usize))
+    }
+
+    /// `logit_bias` as (token, bias) pairs: an object whose keys are token ids in decimal
+    /// and whose values are numbers; the bias range is checked by `validate`.
+    fn logit_bias(&self, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+        let bad = |m: String| ApiError::bad(m, Some("logit_bias"));
+        match &self.logit_bias {
+            None | Some(Value::Null) => Ok(vec![]),
+            Some(Value::Object(o)) => o
+                .iter()
+                .map(|(k, v)| {
+                    let id = k.parse::<u32>().ok().filter(|&id| (id as usize) < vocab);
+                    let id = id.ok_or_else(|| bad(format!("logit_bias keys must be token ids below the vocabulary size {vocab}, got `{k}`")))?;
+                    let b = v.as_f64().ok_or_else(|| bad(format!("logit_bias values must be numbers, got {v} for token {k}")))?;
+                    Ok((id, b as f32))
+                })
+                .collect(),
+            Some(other) => Err(bad(format!("logit_bias must be an object of token ids to biases, got {other}"))),
+        }
     }
 }
