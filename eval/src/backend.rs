@@ -149,6 +149,8 @@ impl InProcess {
         let dev = m.device().clone();
         let longest = r.continuations.iter().map(|c| c.len()).max().unwrap_or(0);
         let mut cache = hromada_models::cache::SeqKvCache::new(m.num_layers(), r.context.len() + longest);
+        // Scoring: every row is a prompt row, as in `Segments` and a server's echo.
+        cache.set_prompt_len(r.context.len() + longest);
         let n = r.context.len();
         let h = m.forward(&Tensor::from_vec(r.context.clone(), n, &dev)?, &mut cache)?;
         let last = h.narrow(0, n - 1, 1)?;

@@ -43,6 +43,7 @@ pub fn bench_generate(m: &LoadedModel, pp: usize, tg: usize, reps: usize) -> Res
         for r in 0..=reps {
             let toks = random_tokens(&mut rng, pp, vocab);
             let mut cache = SeqKvCache::new(m.model.num_layers(), m.context_length);
+            cache.set_prompt_len(pp);
             let t = Instant::now();
             let h = m.model.forward(&Tensor::new(toks.as_slice(), &device)?, &mut cache)?;
             let n = h.dim(0)?;

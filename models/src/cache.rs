@@ -36,6 +36,14 @@ pub trait KvCache: Send {
     fn differentiable(&self) -> bool {
         false
     }
+
+    /// Which of the coming forward pass's `n_tokens` rows are prompt tokens (they may
+    /// take the bf16 tile path, `kernels::bf16`); empty: none are. Called after
+    /// `positions`. A row's kind must follow from its own sequence alone, never from the
+    /// rest of the batch.
+    fn prompt_rows(&self, _n_tokens: usize) -> Vec<bool> {
+        Vec::new()
+    }
 }
 
 /// Additive mask `[rows, n_keys]` for `n_q` queries at positions `q_start..` against keys
@@ -119,6 +127,9 @@ pub struct SeqKvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     lens: Vec<usize>,
     max_len: usize,
+    /// Positions below this are the prompt's (see [`KvCache::prompt_rows`]); 0 until
+    /// [`SeqKvCache::set_prompt_len`].
+    prompt_len: usize,
 }
 
 impl SeqKvCache {
@@ -127,7 +138,14 @@ impl SeqKvCache {
             layers: vec![None; n_layers],
             lens: vec![0; n_layers],
             max_len,
+            prompt_len: 0,
         }
+    }
+
+    /// Mark positions `0..len` as the prompt: their rows take the prompt arithmetic, the
+    /// rows of generated tokens after them the decode one, as in the server.
+    pub fn set_prompt_len(&mut self, len: usize) {
+        self.prompt_len = len;
     }
 
     /// Tokens stored so far.
@@ -168,6 +186,14 @@ impl KvCache for SeqKvCache {
         }
         let pos: Vec<u32> = (start..start + n_tokens).map(|p| p as u32).collect();
         Tensor::from_vec(pos, n_tokens, device)
+    }
+
+    fn prompt_rows(&self, n_tokens: usize) -> Vec<bool> {
+        let start = self.len();
+        if start >= self.prompt_len {
+            return Vec::new();
+        }
+        (start..start + n_tokens).map(|p| p < self.prompt_len).collect()
     }
 
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<Tensor> {
@@ -254,5 +280,14 @@ impl KvCache for Segments {
 
     fn differentiable(&self) -> bool {
         self.differentiable
+    }
+
+    /// Whole documents: every row is a prompt row (scoring), except in training.
+    fn prompt_rows(&self, n_tokens: usize) -> Vec<bool> {
+        if self.differentiable {
+            Vec::new()
+        } else {
+            vec![true; n_tokens]
+        }
     }
 }

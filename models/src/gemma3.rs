@@ -374,7 +374,7 @@ impl Gemma3 {
         let gather = |r: &Rope| -> Result<(Tensor, Tensor)> {
             Ok((r.cos.index_select(&pos, 0)?.to_dtype(self.dtype)?, r.sin.index_select(&pos, 0)?.to_dtype(self.dtype)?))
         };
-        Ok(crate::model::RopeCtx { global: gather(&self.rope_global)?, local: Some(gather(&self.rope_local)?), differentiable: cache.differentiable() })
+        Ok(crate::model::RopeCtx { global: gather(&self.rope_global)?, local: Some(gather(&self.rope_local)?), differentiable: cache.differentiable(), prompt_rows: cache.prompt_rows(n) })
     }
 
     /// Decoder block `i` on the hidden states `x` (`[n, hidden]`).
@@ -387,7 +387,7 @@ impl Gemma3 {
         let (q, k, v) = if diff {
             (l.q_proj.forward(&h)?, l.k_proj.forward(&h)?, l.v_proj.forward(&h)?)
         } else {
-            let [q, k, v]: [Tensor; 3] = Linear::forward_many(&h, &[&l.q_proj, &l.k_proj, &l.v_proj])?.try_into().map_err(|_| candle_core::Error::Msg("q/k/v projection count".into()))?;
+            let [q, k, v]: [Tensor; 3] = Linear::forward_many_rows(&h, &[&l.q_proj, &l.k_proj, &l.v_proj], &ctx.prompt_rows)?.try_into().map_err(|_| candle_core::Error::Msg("q/k/v projection count".into()))?;
             (q, k, v)
         };
         let q = q.reshape((n, p.n_heads, p.head_dim))?;
@@ -402,17 +402,18 @@ impl Gemma3 {
         let q = Rope::apply(&q, cos, sin, diff)?;
         let k = Rope::apply(&k, cos, sin, diff)?;
         let o = cache.attend(i, &q, &k, &v, p)?;
-        let o = l.post_attention_layernorm.forward(&l.o_proj.forward(&o)?, diff)?;
+        let o = if diff { l.o_proj.forward(&o)? } else { l.o_proj.forward_rows(&o, &ctx.prompt_rows)? };
+        let o = l.post_attention_layernorm.forward(&o, diff)?;
         if !diff && crate::kernels::ops::is_cpu_f32(x) {
             // Inference on the CPU: the elementwise steps on the compute pool (`kernels::ops`).
             use crate::kernels::ops;
             let x1 = ops::add(x, &o)?;
             let h = l.pre_feedforward_layernorm.forward(&x1, diff)?;
-            let gu = match Linear::forward_many(&h, &[&l.gate_proj, &l.up_proj])?.as_slice() {
+            let gu = match Linear::forward_many_rows(&h, &[&l.gate_proj, &l.up_proj], &ctx.prompt_rows)?.as_slice() {
                 [g, u] => ops::gelu_mul(g, u)?,
                 _ => candle_core::bail!("gate/up projection count"),
             };
-            let m = l.down_proj.forward(&gu)?;
+            let m = l.down_proj.forward_rows(&gu, &ctx.prompt_rows)?;
             return ops::add(&x1, &l.post_feedforward_layernorm.forward(&m, diff)?);
         }
         let x1 = (x + o)?;

@@ -96,6 +96,7 @@ pub fn generate(
     }
     let device = m.model.device().clone();
     let mut cache = SeqKvCache::new(m.model.num_layers(), m.context_length);
+    cache.set_prompt_len(prompt.len());
     let mut sampler = Sampler::new(params.clone(), prompt);
     let mut stops = StopStrings::new(params.stop.clone());
     let mut detok = DecodeStream::new(true);
@@ -168,6 +169,7 @@ pub fn all_logits(m: &LoadedModel, ids: &[u32]) -> Result<Tensor> {
 pub fn greedy_ids(m: &LoadedModel, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
     let device = m.model.device().clone();
     let mut cache = SeqKvCache::new(m.model.num_layers(), m.context_length);
+    cache.set_prompt_len(prompt.len());
     let mut ids = Tensor::new(prompt, &device)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {

@@ -286,7 +286,24 @@ impl Linear {
     /// parallel pass over all their weights (`kernels::q4_1::matmul_many`); otherwise each
     /// layer's own forward. The results equal the separate forwards bit for bit.
     pub fn forward_many(x: &Tensor, layers: &[&Linear]) -> Result<Vec<Tensor>> {
-        use crate::kernels::q4_1::{matmul_many, QMat};
+        Self::forward_many_rows(x, layers, &[])
+    }
+
+    /// One layer's inference forward with the rows' kinds (`RopeCtx::prompt_rows`): as
+    /// `forward`, except that prompt rows may take the bf16 tile path.
+    pub fn forward_rows(&self, x: &Tensor, prompt: &[bool]) -> Result<Tensor> {
+        if prompt.is_empty() {
+            return self.forward(x);
+        }
+        let mut v = Self::forward_many_rows(x, &[self], prompt)?;
+        v.pop().ok_or_else(|| candle_core::Error::Msg("linear forward gave no output".into()))
+    }
+
+    /// [`Linear::forward_many`] with the rows' kinds: rows flagged in `prompt` (a prompt
+    /// token's; empty: none) take the bf16 tile path where the CPU has it
+    /// (`kernels::q4_1::matmul_many_rows`), the others the integer kernels.
+    pub fn forward_many_rows(x: &Tensor, layers: &[&Linear], prompt: &[bool]) -> Result<Vec<Tensor>> {
+        use crate::kernels::q4_1::{matmul_many, matmul_many_rows, QMat};
         let fusable = x.device().is_cpu() && x.dtype() == DType::F32 && layers.iter().all(|l| l.lora.is_none() && matches!(l.weight, Weight::Q4_1(_) | Weight::Q8_0(_)));
         if fusable {
             let mats: Vec<QMat> = layers
@@ -303,7 +320,13 @@ impl Linear {
             let outs = {
                 let (st, l) = xc.storage_and_layout();
                 match (&*st, l.contiguous_offsets()) {
-                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) if x.dim(candle_core::D::Minus1)? == in_dim => matmul_many(&v[a..b], rows, &mats),
+                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) if x.dim(candle_core::D::Minus1)? == in_dim => {
+                        if prompt.len() == rows {
+                            matmul_many_rows(&v[a..b], rows, &mats, prompt)
+                        } else {
+                            matmul_many(&v[a..b], rows, &mats)
+                        }
+                    }
                     _ => None,
                 }
             };

@@ -184,7 +184,7 @@ impl Llama {
         let pos = cache.positions(n, &self.device)?;
         let cos = self.rope.cos.index_select(&pos, 0)?.to_dtype(self.dtype)?;
         let sin = self.rope.sin.index_select(&pos, 0)?.to_dtype(self.dtype)?;
-        Ok(crate::model::RopeCtx { global: (cos, sin), local: None, differentiable: cache.differentiable() })
+        Ok(crate::model::RopeCtx { global: (cos, sin), local: None, differentiable: cache.differentiable(), prompt_rows: cache.prompt_rows(n) })
     }
 
     /// Decoder block `i` on the hidden states `x` (`[n, hidden]`).
@@ -199,7 +199,7 @@ impl Llama {
         let (q, k, v) = if diff {
             (a.q_proj.forward(&h)?, a.k_proj.forward(&h)?, a.v_proj.forward(&h)?)
         } else {
-            let [q, k, v]: [Tensor; 3] = Linear::forward_many(&h, &[&a.q_proj, &a.k_proj, &a.v_proj])?.try_into().map_err(|_| candle_core::Error::Msg("q/k/v projection count".into()))?;
+            let [q, k, v]: [Tensor; 3] = Linear::forward_many_rows(&h, &[&a.q_proj, &a.k_proj, &a.v_proj], &ctx.prompt_rows)?.try_into().map_err(|_| candle_core::Error::Msg("q/k/v projection count".into()))?;
             (q, k, v)
         };
         let q = q.reshape((n, p.n_heads, p.head_dim))?;
@@ -218,13 +218,13 @@ impl Llama {
         }
         // Inference: the elementwise steps on the compute pool (`kernels::ops`).
         use crate::kernels::ops;
-        let x1 = ops::add(x, &a.o_proj.forward(&o)?)?;
+        let x1 = ops::add(x, &a.o_proj.forward_rows(&o, &ctx.prompt_rows)?)?;
         let h = layer.post_attention_layernorm.forward(&x1, diff)?;
-        let gu = match Linear::forward_many(&h, &[&m.gate_proj, &m.up_proj])?.as_slice() {
+        let gu = match Linear::forward_many_rows(&h, &[&m.gate_proj, &m.up_proj], &ctx.prompt_rows)?.as_slice() {
             [g, u] => ops::silu_mul(g, u)?,
             _ => candle_core::bail!("gate/up projection count"),
         };
-        ops::add(&x1, &m.down_proj.forward(&gu)?)
+        ops::add(&x1, &m.down_proj.forward_rows(&gu, &ctx.prompt_rows)?)
     }
 
     /// Logits (f32) for hidden states `[m, hidden]`.

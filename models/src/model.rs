@@ -104,6 +104,8 @@ pub struct RopeCtx {
     pub global: (Tensor, Tensor),
     pub local: Option<(Tensor, Tensor)>,
     pub differentiable: bool,
+    /// Per row: a prompt token's (`KvCache::prompt_rows`; empty: none).
+    pub prompt_rows: Vec<bool>,
 }
 
 /// An architecture instance. Every architecture has the same packed forward.

@@ -78,7 +78,7 @@ pub fn run(kind: KvCacheDType, cfg: &AttnBenchConfig) -> Result<AttnBenchResult,
             perm.swap(i, (x % (i as u64 + 1)) as usize);
         }
     }
-    let seqs: Vec<BatchSeq> = (0..c.seqs).map(|s| BatchSeq { start: c.context, len: 1, table: perm[s * per_seq..(s + 1) * per_seq].to_vec() }).collect();
+    let seqs: Vec<BatchSeq> = (0..c.seqs).map(|s| BatchSeq { start: c.context, len: 1, table: perm[s * per_seq..(s + 1) * per_seq].to_vec(), prompt_len: 0 }).collect();
     let mut kv = PagedKv::new_cpu(kind, c.layers, num_blocks, c.block_size, c.n_kv_heads, c.head_dim);
     let dev = Device::Cpu;
     let vals = |n: usize, salt: usize| -> Vec<f32> { (0..n).map(|i| (((i * 7919 + salt) % 1999) as f32 / 1999.0) - 0.5).collect() };
@@ -99,7 +99,7 @@ pub fn run(kind: KvCacheDType, cfg: &AttnBenchConfig) -> Result<AttnBenchResult,
     let n = c.seqs * (c.context + 1);
     let t = |h: usize, salt: usize| Tensor::from_vec(vals(n * h * c.head_dim, salt), (n, h, c.head_dim), &dev);
     let (pq, pk, pv) = (t(c.n_heads, 4).map_err(err)?, t(c.n_kv_heads, 5).map_err(err)?, t(c.n_kv_heads, 6).map_err(err)?);
-    let prefill: Vec<BatchSeq> = seqs.iter().map(|s| BatchSeq { start: 0, len: c.context + 1, table: s.table.clone() }).collect();
+    let prefill: Vec<BatchSeq> = seqs.iter().map(|s| BatchSeq { start: 0, len: c.context + 1, table: s.table.clone(), prompt_len: 0 }).collect();
     attend_all(prefill, &pq, &pk, &pv)?;
     let mut step = || -> Result<f64, String> {
         let t = Instant::now();

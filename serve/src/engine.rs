@@ -110,7 +110,12 @@ impl Engine {
         Ok(Self {
             kv,
             blocks: BlockManager::new(num_blocks, cfg.block_size).with_contiguous(device.is_cpu()),
-            sched: Scheduler::new(cfg.scheduler),
+            sched: Scheduler {
+                // Quantized weights on an AMX-BF16 CPU: prompt rows take bf16, so blocks
+                // of generated tokens are not offered to later prompts.
+                cache_generated: !(device.is_cpu() && model.model.weights_quantized() && hromada_models::kernels::bf16::enabled()),
+                ..Scheduler::new(cfg.scheduler)
+            },
             states: HashMap::new(),
             model,
         })
@@ -187,7 +192,7 @@ impl Engine {
             let Some(s) = self.sched.seqs.get(&x.id) else { continue };
             let base = ids.len();
             ids.extend_from_slice(&s.tokens[x.start..x.start + x.len]);
-            seqs.push(BatchSeq { start: x.start, len: x.len, table: s.table.clone() });
+            seqs.push(BatchSeq { start: x.start, len: x.len, table: s.table.clone(), prompt_len: s.prompt_len });
             if let Some(st) = self.states.get(&x.id).filter(|st| st.prompt_lp.is_some() && st.generated == 0) {
                 let done = st.prompt_out.len();
                 for p in x.start.max(done)..(x.start + x.len).min(s.prompt_len.saturating_sub(1)) {

@@ -155,6 +155,10 @@ pub struct BatchSeq {
     pub start: usize,
     pub len: usize,
     pub table: Vec<BlockId>,
+    /// The sequence's prompt length: its rows at positions below it are prompt rows
+    /// (`KvCache::prompt_rows`), the others generated tokens' (also when recomputed
+    /// after a preemption).
+    pub prompt_len: usize,
 }
 
 /// A batch bound to the storage: what the model's attention layers call.
@@ -190,6 +194,13 @@ impl KvCache for PagedBatch<'_> {
         }
         let pos: Vec<u32> = self.seqs.iter().flat_map(|s| (s.start..s.start + s.len).map(|p| p as u32)).collect();
         Tensor::from_vec(pos, n_tokens, device)
+    }
+
+    fn prompt_rows(&self, _n_tokens: usize) -> Vec<bool> {
+        if self.seqs.iter().all(|s| s.start >= s.prompt_len) {
+            return Vec::new();
+        }
+        self.seqs.iter().flat_map(|s| (s.start..s.start + s.len).map(|p| p < s.prompt_len)).collect()
     }
 
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<Tensor> {

@@ -72,11 +72,16 @@ pub struct Scheduler {
     pub waiting: VecDeque<SeqId>,
     pub running: Vec<SeqId>,
     pub preemptions: u64,
+    /// Whether blocks holding generated tokens go to the prefix cache. Not when prompt
+    /// rows take another arithmetic than generated ones (`kernels::bf16`): a later
+    /// prompt reusing such a block would get what a generated row computed, not what its
+    /// own prompt row computes alone.
+    pub cache_generated: bool,
 }
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
-        Self { config, ..Default::default() }
+        Self { config, cache_generated: true, ..Default::default() }
     }
 
     pub fn add(&mut self, seq: Sequence) {
@@ -191,7 +196,8 @@ impl Scheduler {
     pub fn computed(&mut self, sch: &Scheduled, blocks: &mut BlockManager) {
         if let Some(s) = self.seqs.get_mut(&sch.id) {
             s.computed = sch.start + sch.len;
-            blocks.commit(&s.table, &s.tokens, s.computed);
+            let reusable = if self.cache_generated { s.computed } else { s.computed.min(s.prompt_len) };
+            blocks.commit(&s.table, &s.tokens, reusable);
         }
     }
 

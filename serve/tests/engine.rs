@@ -238,6 +238,27 @@ fn quantized_model_with_f16_and_8_bit_caches_is_batch_invariant() {
         }
         assert!(2 * same >= n_new * all.len(), "{dtype:?} cache: only {same}/{} leading tokens agree with the f32 cache", n_new * all.len());
     }
+    // Preemption by recompute: a generated token's row recomputed inside a prompt-sized
+    // chunk keeps the generated rows' arithmetic (on an AMX-BF16 CPU prompt rows take
+    // bf16), so the preempted sequence still returns what it returns alone.
+    let (p1, p2) = (&prompts[0], &prompts[1]);
+    let n_gen = 40;
+    let (n_kv, d) = m.model.kv_shape();
+    let per_block = 2 * m.model.num_layers() * 16 * n_kv * d * 2;
+    let one = (p1.len().max(p2.len()) + n_gen).div_ceil(16);
+    let cfg = |bytes: usize| EngineConfig { kv_cache_bytes: bytes, scheduler: SchedulerConfig { max_num_seqs: 16, max_num_batched_tokens: 40 }, ..Default::default() };
+    let solo = |p: &Vec<u32>| {
+        let mut e = Engine::new(m.clone(), cfg(EngineConfig::default().kv_cache_bytes)).unwrap();
+        e.add(0, p.clone(), greedy(n_gen), 0).unwrap();
+        e.run_to_completion().unwrap().remove(&0).unwrap()
+    };
+    let mut t = Engine::new(m.clone(), cfg(per_block * (one + 2))).unwrap();
+    t.add(1, p1.clone(), greedy(n_gen), 0).unwrap();
+    t.add(2, p2.clone(), greedy(n_gen), 0).unwrap();
+    let r = t.run_to_completion().unwrap();
+    assert!(t.sched.preemptions > 0, "the small cache forced a preemption");
+    assert_eq!(r[&1], solo(p1), "prompt 0 beside a preempted sequence");
+    assert_eq!(r[&2], solo(p2), "prompt 1, preempted and recomputed");
     assert!("f16".parse::<KvCacheDType>().unwrap() == KvCacheDType::F16 && "q8_0".parse::<KvCacheDType>().unwrap() == KvCacheDType::Q8);
     assert!("bf8".parse::<KvCacheDType>().is_err());
 }

@@ -88,7 +88,7 @@ fn check_kernel(h: usize, n_kv: usize, d: usize, window: Option<usize>, softcap:
             if len == 0 {
                 continue;
             }
-            seqs.push(BatchSeq { start, len, table: tables[si].clone() });
+            seqs.push(BatchSeq { start, len, table: tables[si].clone(), prompt_len: 0 });
             for i in 0..len {
                 let (q, k, v) = (rng.vec(h * d), rng.vec(n_kv * d), rng.vec(n_kv * d));
                 keys[si].push(k.clone());

@@ -1,5 +1,6 @@
 //! CPU kernels that candle lacks or runs slowly.
 pub mod attn;
+pub mod bf16;
 pub mod ops;
 pub mod q4_1;
 pub mod simd;

@@ -70,6 +70,62 @@ macro_rules! dispatch_rows {
     };
 }
 
+/// Bytes (u8 or i8) on 64-byte boundaries. Tile loads read 64-byte rows (and the VNNI
+/// kernels 64-byte vectors); a row that straddles two cache lines costs two accesses,
+/// which halved the bf16 tile multiply's rate until its operands were aligned.
+#[derive(Clone, Default)]
+pub(crate) struct Aligned<T: Byte> {
+    lines: Vec<Line64>,
+    len: usize,
+    _t: std::marker::PhantomData<T>,
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line64([u8; 64]);
+
+/// One-byte element types with every bit pattern valid.
+pub(crate) trait Byte: Copy + Default {
+    fn bits(self) -> u8;
+}
+impl Byte for u8 {
+    fn bits(self) -> u8 {
+        self
+    }
+}
+impl Byte for i8 {
+    fn bits(self) -> u8 {
+        self as u8
+    }
+}
+
+impl<T: Byte> Aligned<T> {
+    pub(crate) fn filled(len: usize, v: T) -> Self {
+        Self { lines: vec![Line64([v.bits(); 64]); len.div_ceil(64)], len, _t: std::marker::PhantomData }
+    }
+}
+
+impl<T: Byte> std::ops::Deref for Aligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: T is one byte with every bit pattern valid; the lines hold >= len bytes.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const T, self.len) }
+    }
+}
+
+impl<T: Byte> std::ops::DerefMut for Aligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut T, self.len) }
+    }
+}
+
+impl<T: Byte> std::fmt::Debug for Aligned<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Aligned({} bytes)", self.len)
+    }
+}
+
 /// A `[n, k]` matrix of 4-bit values with a scale and a minimum per 32-block, in panels.
 #[derive(Debug, Clone)]
 pub struct Q4_1Matrix {
@@ -80,7 +136,9 @@ pub struct Q4_1Matrix {
     m: Vec<f32>,
     /// `[panels * kb * 256]`: per panel block, four 64-byte chunks; chunk j byte `4l + i`
     /// holds column l's value `4j + i` (low nibble) and `16 + 4j + i` (high nibble).
-    qs: Vec<u8>,
+    qs: Aligned<u8>,
+    /// The bf16 copy prompt rows take (`kernels::bf16`), made on first use.
+    bf16: super::bf16::LazyBf16,
 }
 
 /// A `[n, k]` matrix of i8 values with one f32 scale per 16 values, in panels.
@@ -93,9 +151,11 @@ pub struct Q8_0Matrix {
     d: Vec<f32>,
     /// `[panels * kb * 512]`: per panel block, eight 64-byte groups; group g byte `4l + i`
     /// holds column l's value `4g + i` plus 128, as u8.
-    qs: Vec<u8>,
+    qs: Aligned<u8>,
     /// Both halves of every block share one scale (Q8_0, Q5_0): one scaling per block.
     uniform: bool,
+    /// The bf16 copy prompt rows take (`kernels::bf16`), made on first use.
+    bf16: super::bf16::LazyBf16,
 }
 
 /// Activations quantized per 32-block: `x ≈ d·q`; `s = d·Σq` (the Q4_1 minimum term);
@@ -109,7 +169,7 @@ struct Q8Rows {
     /// For the AMX kernel (else empty): `q` regrouped so that each 16-row tile's block
     /// is one contiguous `rt x 32` run: row tile at `r0·k`, block b row i at
     /// `r0·k + (b·rt + i)·32`.
-    tiled: Vec<i8>,
+    tiled: Aligned<i8>,
 }
 
 /// Scatter per-column values `val(col, u)` (u: a unit index along k) into panel order:
@@ -132,7 +192,7 @@ impl Q4_1Matrix {
     fn pack(n: usize, k: usize, q: &[u8], d: &[f32], m: &[f32]) -> Self {
         let kb = k / QK;
         let panels = n.div_ceil(NR);
-        let mut qs = vec![0u8; panels * kb * 256];
+        let mut qs = Aligned::filled(panels * kb * 256, 0u8);
         for col in 0..n {
             let (p, l) = (col / NR, col % NR);
             for b in 0..kb {
@@ -151,6 +211,7 @@ impl Q4_1Matrix {
             d: panel_scales(n, kb, |c, b| d[c * kb + b]),
             m: panel_scales(n, kb, |c, b| m[c * kb + b]),
             qs,
+            bf16: Default::default(),
         }
     }
 
@@ -290,7 +351,7 @@ impl Q8_0Matrix {
     fn pack(n: usize, k: usize, q: &[i8], d16: &[f32], uniform: bool) -> Self {
         let kb = k / QK;
         let panels = n.div_ceil(NR);
-        let mut qs = vec![128u8; panels * kb * 512];
+        let mut qs = Aligned::filled(panels * kb * 512, 128u8);
         for col in 0..n {
             let (p, l) = (col / NR, col % NR);
             for b in 0..kb {
@@ -304,7 +365,7 @@ impl Q8_0Matrix {
             }
         }
         let d = if uniform { panel_scales(n, kb, |c, b| d16[c * 2 * kb + 2 * b]) } else { panel_scales(n, 2 * kb, |c, u| d16[c * 2 * kb + u]) };
-        Self { n, k, d, qs, uniform }
+        Self { n, k, d, qs, uniform, bf16: Default::default() }
     }
 
     /// Scale units per block: 1 (one scale per 32 values) or 2 (per 16).
@@ -508,6 +569,67 @@ impl QMat<'_> {
             QMat::Q8(m) => m.k,
         }
     }
+}
+
+impl QMat<'_> {
+    /// The matrix's bf16 copy for prompt rows (made on first use), where that path runs.
+    fn bf16(&self) -> Option<&super::bf16::Bf16Panels> {
+        match self {
+            QMat::Q4(m) => m.bf16.get_or_make(m.n, m.k, || m.dequantize()),
+            QMat::Q8(m) => m.bf16.get_or_make(m.n, m.k, || m.dequantize()),
+        }
+    }
+}
+
+/// [`matmul_many`] for a forward pass whose rows are of two kinds: `prompt[r]` true for
+/// a row of a prompt token, which takes the bf16 tile path (`kernels::bf16`) for every
+/// matrix that has one; all other rows, and every row of a matrix without one, take the
+/// integer kernels. A row's result depends only on its kind, never on the other rows.
+pub fn matmul_many_rows(x: &[f32], rows: usize, mats: &[QMat], prompt: &[bool]) -> Option<Vec<Vec<f32>>> {
+    let k = mats.first()?.k();
+    if prompt.len() != rows || !prompt.iter().any(|&p| p) || !super::bf16::enabled() || x.len() != rows * k || mats.iter().any(|m| m.k() != k) {
+        return matmul_many(x, rows, mats);
+    }
+    let copies: Vec<Option<&super::bf16::Bf16Panels>> = mats.iter().map(|m| m.bf16()).collect();
+    if copies.iter().all(|c| c.is_none()) {
+        return matmul_many(x, rows, mats);
+    }
+    // Runs of rows of one kind, in order.
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    for (r, &p) in prompt.iter().enumerate() {
+        match runs.last_mut() {
+            Some((_, end, kind)) if *kind == p => *end = r + 1,
+            _ => runs.push((r, r + 1, p)),
+        }
+    }
+    // Every element is written below: each row belongs to one run, and a run writes all
+    // columns of its rows, through one kernel or the other.
+    let mut outs: Vec<Uninit> = mats.iter().map(|m| Uninit::new(rows * m.n())).collect();
+    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| o.ptr()).collect();
+    for &(a, b, p) in &runs {
+        let xs = &x[a * k..b * k];
+        // The integer kernels for this run: every matrix when it is a run of generated
+        // tokens, else only those without a bf16 copy.
+        let int_mats: Vec<(usize, QMat)> = mats.iter().enumerate().filter(|(i, _)| !p || copies[*i].is_none()).map(|(i, m)| (i, *m)).collect();
+        if !int_mats.is_empty() {
+            let just: Vec<QMat> = int_mats.iter().map(|(_, m)| *m).collect();
+            let res = matmul_many(xs, b - a, &just)?;
+            for ((i, m), r) in int_mats.iter().zip(res) {
+                let n = m.n();
+                // SAFETY: rows a..b of output i (rows x n) are inside it; `r` has (b-a)·n.
+                unsafe { std::ptr::copy_nonoverlapping(r.as_ptr(), ptrs[*i].get().add(a * n), (b - a) * n) };
+            }
+        }
+        if p {
+            for (i, c) in copies.iter().enumerate() {
+                if let Some(w) = c {
+                    // SAFETY: rows a..b of output i (stride n = w.n) are inside it.
+                    unsafe { super::bf16::matmul_raw(xs, b - a, w, ptrs[i].get().add(a * w.n), w.n) };
+                }
+            }
+        }
+    }
+    Some(outs.into_iter().map(Uninit::finish).collect())
 }
 
 /// `x · W_iᵀ` for several matrices of the same input width (a layer's q, k and v
@@ -926,7 +1048,7 @@ fn quantize_rows(x: &[f32], rows: usize, k: usize) -> Q8Rows {
             .enumerate()
             .for_each(|(c, (((qc, dc), sc), hc))| chunk(c, qc, dc, sc, hc));
     }
-    Q8Rows { d, s, corr, q, tiled: Vec::new() }
+    Q8Rows { d, s, corr, q, tiled: Aligned::default() }
 }
 
 /// One block: `(scale, Σq of values 0..16, Σq of values 16..32)`.
@@ -1054,19 +1176,34 @@ pub fn bench(n: usize, k: usize, rows: &[usize], reps: usize) -> Vec<GemmStat> {
                     .skip(1)
                     .collect();
                 times.sort_by(f64::total_cmp);
-                let best = times[0];
-                out.push(GemmStat {
-                    kernel: format!("{kern:?}").to_lowercase(),
-                    format,
-                    rows: r,
-                    best_ms: best,
-                    median_ms: times[times.len() / 2],
-                    gmacs: (r * n * k) as f64 / (best * 1e-3) / 1e9,
-                });
+                out.push(GemmStat::new(format!("{kern:?}").to_lowercase(), format, r, n * k, &times));
+            }
+            // The prompt rows' bf16 tile path (`kernels::bf16`), where the CPU has it.
+            if mat.bf16().is_some() {
+                let prompt = vec![true; r];
+                let mut times: Vec<f64> = (0..reps.max(1) + 1)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        let y = crate::kernels::pool().install(|| matmul_many_rows(&x, r, &[mat], &prompt));
+                        std::hint::black_box(y);
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .skip(1)
+                    .collect();
+                times.sort_by(f64::total_cmp);
+                out.push(GemmStat::new("amx-bf16 (prompt rows)".into(), format, r, n * k, &times));
             }
         }
     }
     out
+}
+
+impl GemmStat {
+    /// From sorted times (ms) of one `rows x nk` product.
+    fn new(kernel: String, format: &'static str, rows: usize, nk: usize, times: &[f64]) -> Self {
+        let best = times[0];
+        Self { kernel, format, rows, best_ms: best, median_ms: times[times.len() / 2], gmacs: (rows * nk) as f64 / (best * 1e-3) / 1e9 }
+    }
 }
 
 /// Intel AMX int8 tiles for the Q4_1 and Q8_0 GEMMs (Sapphire Rapids and later). One
@@ -1078,6 +1215,41 @@ pub fn bench(n: usize, k: usize, rows: &[usize], reps: usize) -> Vec<GemmStat> {
 /// kernel's bit for bit. Linux hands a process the tiles' 8 KB of
 /// state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); without it, or on a CPU
 /// without AMX, the VNNI kernel runs.
+/// Loads a tile configuration (palette bytes from `make`) unless this thread's loaded
+/// one has the same `key`. Every AMX kernel goes through here, so one never runs on
+/// another's configuration; loading costs more than a small tile's work, so a thread keeps
+/// what it has.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn tile_config(key: usize, make: impl FnOnce() -> [u8; 64]) {
+    #[repr(C, align(64))]
+    struct Cfg([u8; 64]);
+    thread_local! {
+        /// The key of the configuration this thread loaded last (0: none).
+        static LOADED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+    LOADED.with(|l| {
+        if l.get() != key {
+            let cfg = Cfg(make());
+            // SAFETY: only called by kernels that checked AMX and were granted the tile
+            // state; `make` returns a palette-1 layout.
+            unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+            l.set(key);
+        }
+    });
+}
+
+/// Asks the OS for the AMX tile state for this process (Linux; elsewhere false).
+pub(crate) fn request_tile_state() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::request_tile_state()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod amx {
     use super::{NR, QK};
@@ -1112,7 +1284,7 @@ mod amx {
     }
 
     #[cfg(target_os = "linux")]
-    fn request_tile_state() -> bool {
+    pub fn request_tile_state() -> bool {
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
         const XFEATURE_XTILEDATA: libc::c_long = 18;
         // SAFETY: a plain syscall with integer arguments; it changes only this process's
@@ -1121,7 +1293,7 @@ mod amx {
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn request_tile_state() -> bool {
+    pub fn request_tile_state() -> bool {
         false
     }
 
@@ -1147,31 +1319,19 @@ mod amx {
     }
 
     thread_local! {
-        /// The tile rows this thread's tile configuration was loaded for (0: none).
-        static LOADED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         /// The panel this thread unpacked last (its packed bytes' address) and its bytes.
-        static UNPACKED: std::cell::RefCell<(usize, Vec<u8>)> = const { std::cell::RefCell::new((0, Vec::new())) };
+        static UNPACKED: std::cell::RefCell<(usize, super::Aligned<u8>)> = std::cell::RefCell::new((0, super::Aligned::default()));
     }
 
-    /// Loads the tile configuration for `rows` unless this thread already has it (the
-    /// configuration is part of the thread's saved state; loading it costs more than a
-    /// small tile's work).
+    /// Loads the tile configuration for `rows` unless this thread already has it.
     fn ensure_config(rows: usize) {
-        LOADED.with(|l| {
-            if l.get() != rows {
-                let cfg = config(rows);
-                // SAFETY: AMX is available (checked by the caller's ISA); the
-                // configuration is a valid palette-1 layout.
-                unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
-                l.set(rows);
-            }
-        });
+        super::tile_config(rows, || config(rows).0);
     }
 
     /// The activation rows regrouped into per-tile blocks (the `Q8Rows::tiled` layout),
     /// so that a tile load reads 512 contiguous bytes instead of 16 rows `k` apart.
-    pub fn tile_rows(q: &[i8], rows: usize, k: usize, tile: usize) -> Vec<i8> {
-        let mut t = vec![0i8; rows * k];
+    pub fn tile_rows(q: &[i8], rows: usize, k: usize, tile: usize) -> super::Aligned<i8> {
+        let mut t = super::Aligned::filled(rows * k, 0i8);
         let mut r0 = 0;
         while r0 < rows {
             let rt = (rows - r0).min(tile);
@@ -1189,9 +1349,10 @@ mod amx {
 
     /// A Q4_1 panel (`kb` blocks of 256 packed bytes) as `kb` blocks of 8 x 64 bytes.
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn unpack(wq: &[u8], kb: usize, dst: &mut Vec<u8>) {
-        dst.clear();
-        dst.reserve(kb * 512);
+    unsafe fn unpack(wq: &[u8], kb: usize, dst: &mut super::Aligned<u8>) {
+        if dst.len() != kb * 512 {
+            *dst = super::Aligned::filled(kb * 512, 0);
+        }
         let low = _mm512_set1_epi8(0x0F);
         let d = dst.as_mut_ptr();
         for b in 0..kb {
@@ -1204,7 +1365,6 @@ mod amx {
                 _mm512_storeu_si512(d.add(b * 512 + (j + 4) * 64) as *mut _, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
             }
         }
-        dst.set_len(kb * 512);
     }
 
     /// Q4_1 tile of `rt` rows (MIN_ROWS..=16) x one panel: as `q4_vnni`, bit for bit.
@@ -1556,6 +1716,47 @@ mod tests {
         assert_eq!(outs[2], c.matmul(&x, rows));
         let other = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&wo[..16 * 64], 16, 64), 16, 64).unwrap();
         assert!(matmul_many(&x, rows, &[QMat::Q4(&a), QMat::Q4(&other)]).is_none(), "different widths");
+    }
+
+    /// Rows of two kinds in one call: each prompt row equals that row through the bf16
+    /// path alone (where the CPU has it; else the integer kernels), each generated row
+    /// equals it through the integer kernels alone, bit for bit, and a matrix whose
+    /// shape the tiles cannot take (21 columns) keeps the integer kernels for every row.
+    #[test]
+    fn rows_take_their_kinds_arithmetic_whatever_the_batch() {
+        let (k, rows) = (96, 23);
+        let mut rng = crate::sampling::Rng::new(9);
+        let mut mk = |n: usize| -> Vec<f32> { (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32).collect() };
+        let (wa, wb, wc) = (mk(48), mk(32), mk(21));
+        let a = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&wa, 48, k), 48, k).unwrap();
+        let b = Q8_0Matrix::from_ggml_bytes(&ggml_q8_0(&wb, 32, k), 32, k).unwrap();
+        let c = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&wc, 21, k), 21, k).unwrap();
+        let mats = [QMat::Q4(&a), QMat::Q8(&b), QMat::Q4(&c)];
+        let x: Vec<f32> = (0..rows * k).map(|_| (rng.next_f64() - 0.5) as f32).collect();
+        // Generated rows first, then two prompt chunks around a recomputed generated run.
+        let kinds: Vec<bool> = (0..rows).map(|r| (4..12).contains(&r) || r >= 15).collect();
+        let mixed = matmul_many_rows(&x, rows, &mats, &kinds).unwrap();
+        let bf16 = super::super::bf16::enabled();
+        for (i, m) in mats.iter().enumerate() {
+            let n = m.n();
+            let tiles = bf16 && n % 16 == 0;
+            for r in 0..rows {
+                let xr = &x[r * k..(r + 1) * k];
+                let alone = if kinds[r] { matmul_many_rows(xr, 1, &[*m], &[true]).unwrap().remove(0) } else { matmul_many(xr, 1, &[*m]).unwrap().remove(0) };
+                assert_eq!(&mixed[i][r * n..(r + 1) * n], &alone[..], "matrix {i} row {r} (prompt: {})", kinds[r]);
+                let int = matmul_many(xr, 1, &[*m]).unwrap().remove(0);
+                if kinds[r] && tiles {
+                    // The bf16 result is another rounding of the same product.
+                    let close = alone.iter().zip(&int).all(|(p, q)| (p - q).abs() <= 0.05 * (1.0 + q.abs()));
+                    assert!(close, "matrix {i} row {r}: bf16 and integer results far apart");
+                } else {
+                    assert_eq!(alone, int, "matrix {i} row {r}: the integer kernels");
+                }
+            }
+        }
+        if !bf16 {
+            eprintln!("no AMX-BF16 here: every row took the integer kernels");
+        }
     }
 
     #[test]
