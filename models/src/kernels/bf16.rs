@@ -189,11 +189,53 @@ pub fn matmul_into(x: &[f32], rows: usize, w: &Bf16Panels, out: &mut [f32], ldo:
 /// # Safety
 /// `out` is valid for writes of `(rows - 1)·ldo + w.n` f32 values and `ldo >= w.n`.
 pub unsafe fn matmul_raw(x: &[f32], rows: usize, w: &Bf16Panels, out: *mut f32, ldo: usize) {
-    let k = w.k;
-    if rows == 0 || x.len() < rows * k || ldo < w.n || !enabled() {
+    if rows == 0 || x.len() < rows * w.k {
         return;
     }
-    let a = to_bf16_vec(&x[..rows * k]);
+    matmul_rows(&Rows::new(&x[..rows * w.k], rows, w.k), w, out, ldo)
+}
+
+/// Activation rows rounded to bf16 once, for every matrix of a layer that takes them
+/// (q, k and v; gate and up).
+pub struct Rows {
+    a: Lines,
+    rows: usize,
+    k: usize,
+}
+
+impl Rows {
+    /// `x` (`rows x k`) in bf16, the rows split across the compute pool.
+    pub fn new(x: &[f32], rows: usize, k: usize) -> Self {
+        let n = rows * k;
+        let mut a = Lines(Vec::with_capacity(n.div_ceil(32)));
+        if x.len() >= n && k.is_multiple_of(32) {
+            // SAFETY: capacity for n/32 lines (k is a multiple of 32, so n is); each task
+            // writes whole rows, every value, before the length covers them.
+            let p = OutPtr(a.0.as_mut_ptr() as *mut f32);
+            let per = rows.div_ceil(rayon::current_num_threads().max(1) * 2).max(1);
+            use rayon::prelude::*;
+            (0..rows.div_ceil(per)).into_par_iter().for_each(|t| {
+                let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
+                let dst = p.get() as *mut u16;
+                // SAFETY: rows r0..r1 of the allocation, written by this task only.
+                unsafe { convert(&x[r0 * k..r1 * k], dst.add(r0 * k)) };
+            });
+            unsafe { a.0.set_len(n / 32) };
+        }
+        Self { a, rows, k }
+    }
+}
+
+/// `rows` times `w`ᵀ into `out` (as [`matmul_raw`]).
+///
+/// # Safety
+/// As [`matmul_raw`], with `rows.rows` rows.
+pub unsafe fn matmul_rows(rows: &Rows, w: &Bf16Panels, out: *mut f32, ldo: usize) {
+    let (k, a) = (w.k, &rows.a);
+    let rows = if rows.k == k && a.0.len() * 32 == rows.rows * k { rows.rows } else { 0 };
+    if rows == 0 || ldo < w.n || !enabled() {
+        return;
+    }
     let pairs = (w.n / NR).div_ceil(2);
     let op = OutPtr(out);
     let threads = rayon::current_num_threads().max(1);
@@ -217,19 +259,28 @@ pub unsafe fn matmul_raw(x: &[f32], rows: usize, w: &Bf16Panels, out: *mut f32, 
     }
 }
 
-/// [`to_bf16`] of every value (sixteen lanes at a time where AVX-512 runs; the same bits).
+/// [`to_bf16`] of every value into `out` (sixteen lanes at a time where AVX-512 runs;
+/// the same bits).
+///
+/// # Safety
+/// `out` is valid for `x.len()` writes.
+unsafe fn convert(x: &[f32], out: *mut u16) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        return to_bf16_avx512(x, out);
+    }
+    for (i, &v) in x.iter().enumerate() {
+        *out.add(i) = to_bf16(v);
+    }
+}
+
+/// [`to_bf16`] of every value, in aligned lines (tests).
+#[cfg(test)]
 fn to_bf16_vec(x: &[f32]) -> Lines {
     let mut lines = Lines::zeroed(x.len());
     let out = lines.as_mut_slice(x.len());
-    #[cfg(target_arch = "x86_64")]
-    if super::has_avx512() {
-        // SAFETY: AVX-512F detected; `out` holds x.len() values.
-        unsafe { to_bf16_avx512(x, out.as_mut_ptr()) };
-        return lines;
-    }
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = to_bf16(v);
-    }
+    // SAFETY: `out` holds x.len() values.
+    unsafe { convert(x, out.as_mut_ptr()) };
     lines
 }
 

@@ -621,10 +621,12 @@ pub fn matmul_many_rows(x: &[f32], rows: usize, mats: &[QMat], prompt: &[bool]) 
             }
         }
         if p {
+            // The run's rows in bf16 once, for every matrix that takes them.
+            let tiles = super::bf16::Rows::new(xs, b - a, k);
             for (i, c) in copies.iter().enumerate() {
                 if let Some(w) = c {
                     // SAFETY: rows a..b of output i (stride n = w.n) are inside it.
-                    unsafe { super::bf16::matmul_raw(xs, b - a, w, ptrs[i].get().add(a * w.n), w.n) };
+                    unsafe { super::bf16::matmul_rows(&tiles, w, ptrs[i].get().add(a * w.n), w.n) };
                 }
             }
         }
