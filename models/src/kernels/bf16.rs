@@ -23,6 +23,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
+use super::q4_1::OutPtr;
+
 /// Columns per panel (one tile's 16 f32 outputs per row).
 const NR: usize = 16;
 /// Reduction values per tile step (16 rows of bf16 pairs).
@@ -307,16 +309,6 @@ unsafe fn to_bf16_avx512(x: &[f32], out: *mut u16) {
     }
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of a buffer that outlives them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// The f32 reference of one output (tests): the same bf16 operands, accumulated in the
 /// order of the tile multiply's definition (step by step, pair by pair).

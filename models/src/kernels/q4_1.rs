@@ -687,14 +687,14 @@ fn matmul_many_isa(x: &[f32], rows: usize, mats: &[QMat], isa: Isa) -> Option<Ve
 
 /// A raw output pointer handed to the tasks; each writes only its own panels' columns.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint column ranges of the buffer, which outlives them.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
