@@ -131,7 +131,7 @@ static USED: AtomicUsize = AtomicUsize::new(0);
 /// prompt's forward pass, layer by layer) is the same in every run.
 pub fn budget_bytes() -> usize {
     static B: OnceLock<usize> = OnceLock::new();
-    *B.get_or_init(|| std::env::var("HROMADA_PROMPT_BF16_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(4096) << 20)
+    *B.get_or_init(|| std::env::var("HROMADA_PROMPT_BF16_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(4096).saturating_mul(1 << 20))
 }
 
 impl LazyBf16 {
