@@ -99,10 +99,6 @@ impl Bf16Panels {
         Some(Self { n, k, data: lines })
     }
 
-    pub fn bytes(&self) -> usize {
-        self.n * self.k * 2
-    }
-
     /// `W[col][i]` as f32 (tests).
     pub fn get(&self, col: usize, i: usize) -> f32 {
         let steps = self.k / KS;
@@ -178,23 +174,11 @@ fn amx_bf16() -> bool {
 /// `x` (`rows x k`, f32) times `w`ᵀ into `out` (`rows` rows of stride `ldo`, columns
 /// `0..w.n` written), panels split across the compute pool. Requires [`enabled`].
 pub fn matmul_into(x: &[f32], rows: usize, w: &Bf16Panels, out: &mut [f32], ldo: usize) {
-    if rows == 0 || ldo < w.n || out.len() < (rows - 1) * ldo + w.n {
+    if rows == 0 || x.len() < rows * w.k || ldo < w.n || out.len() < (rows - 1) * ldo + w.n {
         return;
     }
     // SAFETY: `out` holds the rows x ldo span checked above.
-    unsafe { matmul_raw(x, rows, w, out.as_mut_ptr(), ldo) }
-}
-
-/// [`matmul_into`] on a raw output (which may be uninitialized: every written element is
-/// stored, none read).
-///
-/// # Safety
-/// `out` is valid for writes of `(rows - 1)·ldo + w.n` f32 values and `ldo >= w.n`.
-pub unsafe fn matmul_raw(x: &[f32], rows: usize, w: &Bf16Panels, out: *mut f32, ldo: usize) {
-    if rows == 0 || x.len() < rows * w.k {
-        return;
-    }
-    matmul_rows(&Rows::new(&x[..rows * w.k], rows, w.k), w, out, ldo)
+    unsafe { matmul_rows(&Rows::new(&x[..rows * w.k], rows, w.k), w, out.as_mut_ptr(), ldo) }
 }
 
 /// Activation rows rounded to bf16 once, for every matrix of a layer that takes them
@@ -228,10 +212,11 @@ impl Rows {
     }
 }
 
-/// `rows` times `w`ᵀ into `out` (as [`matmul_raw`]).
+/// `rows` times `w`ᵀ into `out` (`rows.rows` rows of stride `ldo`, columns `0..w.n`
+/// written; it may be uninitialized: every written element is stored, none read).
 ///
 /// # Safety
-/// As [`matmul_raw`], with `rows.rows` rows.
+/// `out` is valid for writes of `(rows.rows - 1)·ldo + w.n` f32 values.
 pub unsafe fn matmul_rows(rows: &Rows, w: &Bf16Panels, out: *mut f32, ldo: usize) {
     let (k, a) = (w.k, &rows.a);
     let rows = if rows.k == k && a.0.len() * 32 == rows.rows * k { rows.rows } else { 0 };
