@@ -18,7 +18,8 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Bytes of K/V cache (all layers).
     pub kv_cache_bytes: usize,
-    /// The cache's element type (`auto`: f16 on the CPU for quantized models).
+    /// The cache's element type (`auto` on the CPU: 8-bit for quantized models, f16 for
+    /// half-precision ones, f32 for f32 ones).
     pub kv_cache_dtype: KvCacheDType,
     pub scheduler: SchedulerConfig,
 }

@@ -26,14 +26,17 @@ enum CpuStore {
 /// The element type of the paged cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvCacheDType {
-    /// On the CPU: f16 for quantized or half-precision models, f32 for f32 models (the
-    /// parity path). On a GPU: bf16 for bf16/f16 models, else f32.
+    /// On the CPU: 8-bit for quantized models, f16 for half-precision models, f32 for f32
+    /// models (the parity path). On a GPU: bf16 for bf16/f16 models, else f32.
     #[default]
     Auto,
     F32,
     F16,
     /// 8-bit values with one scale per (slot, K/V head), on the CPU (llama.cpp's `q8_0`
-    /// cache type): a quarter of f32's bytes, half of f16's.
+    /// cache type): a quarter of f32's bytes, half of f16's. The `auto` choice for
+    /// quantized weights: their own rounding is far larger (measured in BENCHMARKS.md:
+    /// +0.0003 bits per byte on Ukrainian text against f16), and a batched decode step
+    /// reads half the K/V bytes.
     Q8,
 }
 
@@ -77,10 +80,11 @@ impl PagedKv {
     }
 
     /// What a CPU cache for this model holds under `choice` (F32, F16 or Q8): `auto` is
-    /// f16 with quantized weights or half-precision activations, else f32.
+    /// 8-bit with quantized weights, f16 with half-precision activations, else f32.
     pub fn cpu_kind(choice: KvCacheDType, dtype: DType, weights_quantized: bool) -> KvCacheDType {
         match choice {
-            KvCacheDType::Auto if weights_quantized || matches!(dtype, DType::BF16 | DType::F16) => KvCacheDType::F16,
+            KvCacheDType::Auto if weights_quantized => KvCacheDType::Q8,
+            KvCacheDType::Auto if matches!(dtype, DType::BF16 | DType::F16) => KvCacheDType::F16,
             KvCacheDType::Auto => KvCacheDType::F32,
             other => other,
         }

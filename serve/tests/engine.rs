@@ -195,7 +195,7 @@ fn gemma3_paged_batched_greedy_matches_reference_past_the_window() {
 }
 
 /// The GGUF as served by default: quantized weights (the panel GEMM) and, with
-/// `kv_cache_dtype: auto`, an f16 paged cache; and the same with the opt-in 8-bit cache.
+/// `kv_cache_dtype: auto`, an 8-bit paged cache; and the same with an f16 cache.
 /// Batched greedy decoding equals one-at-a-time decoding token for token, and an f32
 /// cache of the same model agrees on the first token of every prompt and on most of the
 /// continuations (rounding of K/V may flip a near-tie later in a continuation).
@@ -222,7 +222,8 @@ fn quantized_model_with_f16_and_8_bit_caches_is_batch_invariant() {
     };
     let all: Vec<usize> = (0..prompts.len()).collect();
     let f32_cache = run(KvCacheDType::F32, &all);
-    for dtype in [KvCacheDType::Auto, KvCacheDType::Q8] {
+    assert_eq!(hromada_serve::paged::PagedKv::cpu_kind(KvCacheDType::Auto, m.model.dtype(), true), KvCacheDType::Q8);
+    for dtype in [KvCacheDType::Auto, KvCacheDType::F16] {
         let batched = run(dtype, &all);
         let mut same = 0;
         for &i in &all {
@@ -244,7 +245,9 @@ fn quantized_model_with_f16_and_8_bit_caches_is_batch_invariant() {
     let (p1, p2) = (&prompts[0], &prompts[1]);
     let n_gen = 40;
     let (n_kv, d) = m.model.kv_shape();
-    let per_block = 2 * m.model.num_layers() * 16 * n_kv * d * 2;
+    // Bytes of one block of the default (`auto`) cache: keys and values, every layer.
+    let kind = hromada_serve::paged::PagedKv::cpu_kind(KvCacheDType::Auto, m.model.dtype(), true);
+    let per_block = 2 * m.model.num_layers() * 16 * n_kv * hromada_serve::paged::PagedKv::cpu_row_bytes(kind, d);
     let one = (p1.len().max(p2.len()) + n_gen).div_ceil(16);
     let cfg = |bytes: usize| EngineConfig { kv_cache_bytes: bytes, scheduler: SchedulerConfig { max_num_seqs: 16, max_num_batched_tokens: 40 }, ..Default::default() };
     let solo = |p: &Vec<u32>| {

@@ -339,6 +339,11 @@ mod amx {
         let b1 = if two { w.data.as_ptr().add((p0 + 1) * steps * 512) } else { b0 };
         let sa = k * 2;
         let so = ldo * 4;
+        // The next pair's weights (read once from memory, then from cache by every row
+        // block) are fetched into L2 while this pair computes, a few lines per step.
+        let (next, next_bytes) = if p0 + 2 < panels { (w.data.as_ptr().add((p0 + 2) * steps * 512) as *const i8, (panels - p0 - 2).min(2) * steps * 1024) } else { (b0 as *const i8, 0) };
+        let lines_per_step = (next_bytes / 64).div_ceil(rows.div_ceil(32) * steps);
+        let mut fetched = 0;
         let mut r0 = 0;
         while r0 < rows {
             let ra = (rows - r0).min(16);
@@ -352,6 +357,12 @@ mod amx {
             let o1 = out.add((r0 + ra) * ldo + p0 * NR);
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
             for s in 0..steps {
+                for _ in 0..lines_per_step {
+                    if fetched < next_bytes {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(next.add(fetched));
+                        fetched += 64;
+                    }
+                }
                 let (x0, x1) = (a0.add(s * KS), a1.add(s * KS));
                 let (w0, w1) = (b0.add(s * 512), b1.add(s * 512));
                 match (rb > 0, two) {
