@@ -222,7 +222,8 @@ fn quantized_model_with_f16_and_8_bit_caches_is_batch_invariant() {
     };
     let all: Vec<usize> = (0..prompts.len()).collect();
     let f32_cache = run(KvCacheDType::F32, &all);
-    assert_eq!(hromada_serve::paged::PagedKv::cpu_kind(KvCacheDType::Auto, m.model.dtype(), true), KvCacheDType::Q8);
+    let default_kind = hromada_serve::paged::PagedKv::cpu_kind(KvCacheDType::Auto, m.model.dtype(), true);
+    assert_eq!(default_kind, KvCacheDType::Q8);
     for dtype in [KvCacheDType::Auto, KvCacheDType::F16] {
         let batched = run(dtype, &all);
         let mut same = 0;
@@ -246,8 +247,7 @@ fn quantized_model_with_f16_and_8_bit_caches_is_batch_invariant() {
     let n_gen = 40;
     let (n_kv, d) = m.model.kv_shape();
     // Bytes of one block of the default (`auto`) cache: keys and values, every layer.
-    let kind = hromada_serve::paged::PagedKv::cpu_kind(KvCacheDType::Auto, m.model.dtype(), true);
-    let per_block = 2 * m.model.num_layers() * 16 * n_kv * hromada_serve::paged::PagedKv::cpu_row_bytes(kind, d);
+    let per_block = 2 * m.model.num_layers() * 16 * n_kv * hromada_serve::paged::PagedKv::cpu_row_bytes(default_kind, d);
     let one = (p1.len().max(p2.len()) + n_gen).div_ceil(16);
     let cfg = |bytes: usize| EngineConfig { kv_cache_bytes: bytes, scheduler: SchedulerConfig { max_num_seqs: 16, max_num_batched_tokens: 40 }, ..Default::default() };
     let solo = |p: &Vec<u32>| {
