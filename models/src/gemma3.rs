@@ -409,10 +409,7 @@ impl Gemma3 {
             use crate::kernels::ops;
             let x1 = ops::add(x, &o)?;
             let h = l.pre_feedforward_layernorm.forward(&x1, diff)?;
-            let gu = match Linear::forward_many_rows(&h, &[&l.gate_proj, &l.up_proj], &ctx.prompt_rows)?.as_slice() {
-                [g, u] => ops::gelu_mul(g, u)?,
-                _ => candle_core::bail!("gate/up projection count"),
-            };
+            let gu = Linear::forward_glu_rows(&h, &l.gate_proj, &l.up_proj, &ctx.prompt_rows, ops::Glu::Gelu)?;
             let m = l.down_proj.forward_rows(&gu, &ctx.prompt_rows)?;
             return ops::add(&x1, &l.post_feedforward_layernorm.forward(&m, diff)?);
         }

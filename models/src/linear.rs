@@ -299,6 +299,49 @@ impl Linear {
         v.pop().ok_or_else(|| candle_core::Error::Msg("linear forward gave no output".into()))
     }
 
+    /// A feed-forward block's gated activation `act(x · gateᵀ) · (x · upᵀ)` with the
+    /// rows' kinds (as [`Linear::forward_many_rows`]): with hromada's quantized CPU
+    /// kernels, one pass (`kernels::q4_1::matmul_glu_rows`, whose prompt rows get the
+    /// activation in the bf16 tile kernel's epilogue); otherwise the two forwards and
+    /// `ops::silu_mul` / `ops::gelu_mul`. The same bits either way.
+    pub fn forward_glu_rows(x: &Tensor, gate: &Linear, up: &Linear, prompt: &[bool], act: crate::kernels::ops::Glu) -> Result<Tensor> {
+        use crate::kernels::ops::{self, Glu};
+        use crate::kernels::q4_1::{matmul_glu_rows, QMat};
+        fn qmat(l: &Linear) -> Option<QMat<'_>> {
+            match (&l.weight, &l.lora, &l.bias) {
+                (Weight::Q4_1(m), None, None) => Some(QMat::Q4(m)),
+                (Weight::Q8_0(m), None, None) => Some(QMat::Q8(m)),
+                _ => None,
+            }
+        }
+        if let (Some(g), Some(u), true) = (qmat(gate), qmat(up), x.device().is_cpu() && x.dtype() == DType::F32 && gate.in_dim == up.in_dim) {
+            let xc = x.contiguous()?;
+            let in_dim = gate.in_dim;
+            let rows = xc.elem_count() / in_dim.max(1);
+            let out = {
+                let (st, l) = xc.storage_and_layout();
+                match (&*st, l.contiguous_offsets()) {
+                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) if x.dim(candle_core::D::Minus1)? == in_dim => matmul_glu_rows(&v[a..b], rows, g, u, prompt, act),
+                    _ => None,
+                }
+            };
+            if let Some(out) = out {
+                let mut dims = x.dims().to_vec();
+                if let Some(d) = dims.last_mut() {
+                    *d = gate.out_dim;
+                }
+                return Tensor::from_vec(out, dims.as_slice(), x.device());
+            }
+        }
+        match Self::forward_many_rows(x, &[gate, up], prompt)?.as_slice() {
+            [g, u] => match act {
+                Glu::Silu => ops::silu_mul(g, u),
+                Glu::Gelu => ops::gelu_mul(g, u),
+            },
+            _ => candle_core::bail!("gate/up projection count"),
+        }
+    }
+
     /// [`Linear::forward_many`] with the rows' kinds: rows flagged in `prompt` (a prompt
     /// token's; empty: none) take the bf16 tile path where the CPU has it
     /// (`kernels::q4_1::matmul_many_rows`), the others the integer kernels.

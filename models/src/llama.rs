@@ -220,10 +220,7 @@ impl Llama {
         use crate::kernels::ops;
         let x1 = ops::add(x, &a.o_proj.forward_rows(&o, &ctx.prompt_rows)?)?;
         let h = layer.post_attention_layernorm.forward(&x1, diff)?;
-        let gu = match Linear::forward_many_rows(&h, &[&m.gate_proj, &m.up_proj], &ctx.prompt_rows)?.as_slice() {
-            [g, u] => ops::silu_mul(g, u)?,
-            _ => candle_core::bail!("gate/up projection count"),
-        };
+        let gu = Linear::forward_glu_rows(&h, &m.gate_proj, &m.up_proj, &ctx.prompt_rows, ops::Glu::Silu)?;
         ops::add(&x1, &m.down_proj.forward_rows(&gu, &ctx.prompt_rows)?)
     }
 

@@ -99,6 +99,12 @@ impl Bf16Panels {
         Some(Self { n, k, data: lines })
     }
 
+    /// The first value of panel `p` (16 columns, `k/32` tile steps of 1 KB).
+    fn panel(&self, p: usize) -> *const u16 {
+        // `wrapping_add`: the kernels only dereference panels below n/16.
+        self.data.as_ptr().wrapping_add(p * (self.k / KS) * 512)
+    }
+
     /// `W[col][i]` as f32 (tests).
     pub fn get(&self, col: usize, i: usize) -> f32 {
         let steps = self.k / KS;
@@ -228,13 +234,19 @@ pub unsafe fn matmul_rows(rows: &Rows, w: &Bf16Panels, out: *mut f32, ldo: usize
     let threads = rayon::current_num_threads().max(1);
     let per_task = pairs.div_ceil(threads * 4).max(1);
     let tasks = pairs.div_ceil(per_task);
+    let (steps, panels) = (k / KS, w.n / NR);
     let run = |t: usize| {
         for pp in t * per_task..((t + 1) * per_task).min(pairs) {
-            // SAFETY: AMX-BF16 was granted (`enabled`); `a` holds rows x k values; each
-            // task writes only its own panels' columns of rows 0..rows, inside `out`.
+            let p0 = 2 * pp;
+            // The next pair's weights are fetched into L2 while this pair computes.
+            let next = if p0 + 2 < panels { (w.panel(p0 + 2), (panels - p0 - 2).min(2) * steps * 1024) } else { (w.panel(p0), 0) };
+            // SAFETY: AMX-BF16 was granted (`enabled`); `a` holds rows x k values; the
+            // panels are inside `w`; each task writes only its own panels' columns
+            // (p0·16 and up, inside 0..w.n) of rows 0..rows, inside `out`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                amx::panel_pair(&a, rows, k, w, pp, op.get(), ldo)
+                let second = (p0 + 1 < panels).then(|| w.panel(p0 + 1));
+                amx::panels(a, rows, k, w.panel(p0), second, [next, (next.0, 0)], op.get(), ldo, p0 * NR, Epilogue::Store)
             };
         }
     };
@@ -244,6 +256,56 @@ pub unsafe fn matmul_rows(rows: &Rows, w: &Bf16Panels, out: *mut f32, ldo: usize
     } else {
         (0..tasks).into_par_iter().for_each(run);
     }
+}
+
+/// `act(rows · gateᵀ) · (rows · upᵀ)` into `out` (`rows.rows` rows of stride `ldo`,
+/// columns `0..gate.n` written, none read): a feed-forward block's gated activation
+/// straight from the tile sums. Each task takes one panel of `gate` and the same panel
+/// of `up` as its tile pair, so the activation is applied to sums still in L1 and only
+/// its result is stored; the bits equal [`matmul_rows`] of each matrix followed by
+/// `ops::glu_slices`. False (nothing written) unless the shapes match and the path is
+/// enabled.
+///
+/// # Safety
+/// `out` is valid for writes of `(rows.rows - 1)·ldo + gate.n` f32 values.
+pub unsafe fn matmul_glu_rows(rows: &Rows, gate: &Bf16Panels, up: &Bf16Panels, out: *mut f32, ldo: usize, act: super::ops::Glu) -> bool {
+    let (k, a) = (gate.k, &rows.a);
+    let rows = if rows.k == k && a.0.len() * 32 == rows.rows * k { rows.rows } else { 0 };
+    if rows == 0 || up.k != k || up.n != gate.n || ldo < gate.n || !enabled() {
+        return false;
+    }
+    let (steps, panels) = (k / KS, gate.n / NR);
+    let op = OutPtr(out);
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = panels.div_ceil(threads * 4).max(1);
+    let tasks = panels.div_ceil(per_task);
+    let run = |t: usize| {
+        for p in t * per_task..((t + 1) * per_task).min(panels) {
+            let bytes = if p + 1 < panels { steps * 1024 } else { 0 };
+            let next = [(gate.panel((p + 1).min(panels - 1)), bytes), (up.panel((p + 1).min(panels - 1)), bytes)];
+            // SAFETY: as in `matmul_rows`; this task writes columns p·16..p·16 + 16.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                amx::panels(a, rows, k, gate.panel(p), Some(up.panel(p)), next, op.get(), ldo, p * NR, Epilogue::Glu(act))
+            };
+        }
+    };
+    use rayon::prelude::*;
+    if tasks <= 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+    true
+}
+
+/// What the tile kernel does with a row block's sums.
+#[derive(Debug, Clone, Copy)]
+enum Epilogue {
+    /// Stored as they are: the first panel's at the given column, the second's 16 on.
+    Store,
+    /// `act(first) · second`, 16 columns.
+    Glu(super::ops::Glu),
 }
 
 /// [`to_bf16`] of every value into `out` (sixteen lanes at a time where AVX-512 runs;
@@ -307,7 +369,7 @@ pub fn reference_dot(a_row: &[f32], w: &Bf16Panels, col: usize) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod amx {
-    use super::{Bf16Panels, Lines, KS, NR};
+    use super::{Epilogue, Lines, KS, NR};
     use std::arch::asm;
 
     /// Palette 1: tmm0-3 sums (C, `ra`/`rb` rows x 16 f32), tmm4/5 activations (A0: `ra`
@@ -325,25 +387,33 @@ mod amx {
         c
     }
 
-    /// Rows `r0..` in blocks of 32 (two row tiles) against panels `2pp` and `2pp + 1`
-    /// (one when `n/16` is odd and this is the last pair).
+    /// A 16x16 f32 tile parked in memory for the epilogue.
+    #[repr(C, align(64))]
+    struct Parked([f32; 256]);
+
+    /// All rows, in blocks of 32 (two row tiles), against the panel at `b0` and, when
+    /// given, the one at `b1` (two tiles of 16 columns; `k/32` steps of 1 KB each), the
+    /// sums finished by `epi` into `out` from column `col`. While they compute, the
+    /// bytes of `next` (up to two regions: the weights the task takes next) are fetched
+    /// into L2, a few lines per tile step.
     ///
-    /// SAFETY: AMX-BF16 granted; `a` holds `rows x k` bf16; `out` has `rows` rows of
-    /// stride `ldo` with columns `0..w.n` writable.
-    pub unsafe fn panel_pair(a: &Lines, rows: usize, k: usize, w: &Bf16Panels, pp: usize, out: *mut f32, ldo: usize) {
+    /// SAFETY: AMX-BF16 granted; `a` holds `rows x k` bf16; `b0` (and `b1`) hold `k/32`
+    /// KB; `next` lies inside the weights; `out` has `rows` rows of stride `ldo` with the
+    /// epilogue's columns from `col` writable; `Epilogue::Glu` comes with `b1`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panels(a: &Lines, rows: usize, k: usize, b0: *const u16, b1: Option<*const u16>, next: [(*const u16, usize); 2], out: *mut f32, ldo: usize, col: usize, epi: Epilogue) {
         let steps = k / KS;
-        let panels = w.n / NR;
-        let p0 = 2 * pp;
-        let two = p0 + 1 < panels;
-        let b0 = w.data.as_ptr().add(p0 * steps * 512);
-        let b1 = if two { w.data.as_ptr().add((p0 + 1) * steps * 512) } else { b0 };
+        let two = b1.is_some();
+        let b1 = b1.unwrap_or(b0);
         let sa = k * 2;
         let so = ldo * 4;
-        // The next pair's weights (read once from memory, then from cache by every row
-        // block) are fetched into L2 while this pair computes, a few lines per step.
-        let (next, next_bytes) = if p0 + 2 < panels { (w.data.as_ptr().add((p0 + 2) * steps * 512) as *const i8, (panels - p0 - 2).min(2) * steps * 1024) } else { (b0 as *const i8, 0) };
+        let next_bytes = next[0].1 + next[1].1;
         let lines_per_step = (next_bytes / 64).div_ceil(rows.div_ceil(32) * steps);
         let mut fetched = 0;
+        // The activation's four tiles, each written by a tile store before it is read.
+        let mut park = std::mem::MaybeUninit::<[Parked; 4]>::uninit();
+        let t = park.as_mut_ptr() as *mut f32;
+        let t = [t, t.add(256), t.add(512), t.add(768)];
         let mut r0 = 0;
         while r0 < rows {
             let ra = (rows - r0).min(16);
@@ -353,13 +423,12 @@ mod amx {
             super::super::q4_1::tile_config(0x1_0000 | (ra << 8) | rb.max(1), || config(ra, rb.max(1)));
             let a0 = a.as_ptr().add(r0 * k);
             let a1 = a.as_ptr().add((r0 + ra) * k);
-            let o0 = out.add(r0 * ldo + p0 * NR);
-            let o1 = out.add((r0 + ra) * ldo + p0 * NR);
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
             for s in 0..steps {
                 for _ in 0..lines_per_step {
                     if fetched < next_bytes {
-                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(next.add(fetched));
+                        let (base, off) = if fetched < next[0].1 { (next[0].0, fetched) } else { (next[1].0, fetched - next[0].1) };
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>((base as *const i8).add(off));
                         fetched += 64;
                     }
                 }
@@ -405,14 +474,34 @@ mod amx {
                     ),
                 }
             }
-            asm!("tilestored [{o} + {s}*1], tmm0", o = in(reg) o0, s = in(reg) so, options(nostack));
-            if two {
-                asm!("tilestored [{o} + {s}*1], tmm1", o = in(reg) o0.add(NR), s = in(reg) so, options(nostack));
-            }
-            if rb > 0 {
-                asm!("tilestored [{o} + {s}*1], tmm2", o = in(reg) o1, s = in(reg) so, options(nostack));
-                if two {
-                    asm!("tilestored [{o} + {s}*1], tmm3", o = in(reg) o1.add(NR), s = in(reg) so, options(nostack));
+            let o0 = out.add(r0 * ldo + col);
+            let o1 = out.add((r0 + ra) * ldo + col);
+            match epi {
+                Epilogue::Store => {
+                    asm!("tilestored [{o} + {s}*1], tmm0", o = in(reg) o0, s = in(reg) so, options(nostack));
+                    if two {
+                        asm!("tilestored [{o} + {s}*1], tmm1", o = in(reg) o0.add(NR), s = in(reg) so, options(nostack));
+                    }
+                    if rb > 0 {
+                        asm!("tilestored [{o} + {s}*1], tmm2", o = in(reg) o1, s = in(reg) so, options(nostack));
+                        if two {
+                            asm!("tilestored [{o} + {s}*1], tmm3", o = in(reg) o1.add(NR), s = in(reg) so, options(nostack));
+                        }
+                    }
+                }
+                Epilogue::Glu(act) => {
+                    asm!("tilestored [{o} + {s}*1], tmm0", o = in(reg) t[0], s = in(reg) 64usize, options(nostack));
+                    asm!("tilestored [{o} + {s}*1], tmm1", o = in(reg) t[1], s = in(reg) 64usize, options(nostack));
+                    if rb > 0 {
+                        asm!("tilestored [{o} + {s}*1], tmm2", o = in(reg) t[2], s = in(reg) 64usize, options(nostack));
+                        asm!("tilestored [{o} + {s}*1], tmm3", o = in(reg) t[3], s = in(reg) 64usize, options(nostack));
+                    }
+                    for r in 0..ra {
+                        crate::kernels::ops::glu16(t[0].add(r * NR), t[1].add(r * NR), o0.add(r * ldo), act);
+                    }
+                    for r in 0..rb {
+                        crate::kernels::ops::glu16(t[2].add(r * NR), t[3].add(r * NR), o1.add(r * ldo), act);
+                    }
                 }
             }
             r0 += ra + rb;

@@ -201,26 +201,71 @@ fn gelu_tanh(x: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn map2_avx512(a: &[f32], b: &[f32], out: *mut f32, act: Act) -> usize {
-    use super::simd::exp512;
     use std::arch::x86_64::*;
-    let one = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i + 16 <= a.len() {
         let (x, y) = (_mm512_loadu_ps(a.as_ptr().add(i)), _mm512_loadu_ps(b.as_ptr().add(i)));
-        let r = match act {
-            Act::Silu => _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)))), y),
-            Act::Gelu => {
-                let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
-                let z = _mm512_mul_ps(_mm512_set1_ps(SQRT_2_OVER_PI), _mm512_fmadd_ps(_mm512_set1_ps(0.044715), x3, x));
-                let e = exp512(_mm512_mul_ps(_mm512_set1_ps(-2.0), z));
-                _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), y)
-            }
-            Act::Add => _mm512_add_ps(x, y),
-        };
-        _mm512_storeu_ps(out.add(i), r);
+        _mm512_storeu_ps(out.add(i), act512(x, y, act));
         i += 16;
     }
     i
+}
+
+/// One sixteen-lane step of [`map2_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn act512(x: std::arch::x86_64::__m512, y: std::arch::x86_64::__m512, act: Act) -> std::arch::x86_64::__m512 {
+    use super::simd::exp512;
+    use std::arch::x86_64::*;
+    let one = _mm512_set1_ps(1.0);
+    match act {
+        Act::Silu => _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)))), y),
+        Act::Gelu => {
+            let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+            let z = _mm512_mul_ps(_mm512_set1_ps(SQRT_2_OVER_PI), _mm512_fmadd_ps(_mm512_set1_ps(0.044715), x3, x));
+            let e = exp512(_mm512_mul_ps(_mm512_set1_ps(-2.0), z));
+            _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), y)
+        }
+        Act::Add => _mm512_add_ps(x, y),
+    }
+}
+
+/// The gated activation of a feed-forward block: `act(g) · u`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Glu {
+    /// SiLU (Llama, Qwen, SmolLM2).
+    Silu,
+    /// GELU with the tanh approximation (Gemma).
+    Gelu,
+}
+
+impl Glu {
+    fn act(self) -> Act {
+        match self {
+            Glu::Silu => Act::Silu,
+            Glu::Gelu => Act::Gelu,
+        }
+    }
+}
+
+/// `act(g) · u` elementwise over equal-length slices (the pass [`silu_mul`] and
+/// [`gelu_mul`] make).
+pub(crate) fn glu_slices(g: &[f32], u: &[f32], act: Glu) -> Vec<f32> {
+    map2(g, u, act.act())
+}
+
+/// `out[0..16] = act(g[0..16]) · u[0..16]`: the same steps, so the same bits, as
+/// [`glu_slices`] gives those lanes where AVX-512 runs (the bf16 tile path's epilogue).
+///
+/// # Safety
+/// AVX-512F, AVX2 and FMA are available; `g` and `u` are valid for 16 reads and `out`
+/// for 16 writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn glu16(g: *const f32, u: *const f32, out: *mut f32, act: Glu) {
+    use std::arch::x86_64::*;
+    _mm512_storeu_ps(out, act512(_mm512_loadu_ps(g), _mm512_loadu_ps(u), act.act()));
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -594,19 +594,11 @@ pub fn matmul_many_rows(x: &[f32], rows: usize, mats: &[QMat], prompt: &[bool]) 
     if copies.iter().all(|c| c.is_none()) {
         return matmul_many(x, rows, mats);
     }
-    // Runs of rows of one kind, in order.
-    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
-    for (r, &p) in prompt.iter().enumerate() {
-        match runs.last_mut() {
-            Some((_, end, kind)) if *kind == p => *end = r + 1,
-            _ => runs.push((r, r + 1, p)),
-        }
-    }
     // Every element is written below: each row belongs to one run, and a run writes all
     // columns of its rows, through one kernel or the other.
     let mut outs: Vec<Uninit> = mats.iter().map(|m| Uninit::new(rows * m.n())).collect();
     let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| o.ptr()).collect();
-    for &(a, b, p) in &runs {
+    for (a, b, p) in runs(prompt) {
         let xs = &x[a * k..b * k];
         // The integer kernels for this run: every matrix when it is a run of generated
         // tokens, else only those without a bf16 copy.
@@ -632,6 +624,55 @@ pub fn matmul_many_rows(x: &[f32], rows: usize, mats: &[QMat], prompt: &[bool]) 
         }
     }
     Some(outs.into_iter().map(Uninit::finish).collect())
+}
+
+/// Runs `(start, end, kind)` of consecutive rows of one kind, in order.
+fn runs(prompt: &[bool]) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    for (r, &p) in prompt.iter().enumerate() {
+        match runs.last_mut() {
+            Some((_, end, kind)) if *kind == p => *end = r + 1,
+            _ => runs.push((r, r + 1, p)),
+        }
+    }
+    runs
+}
+
+/// A feed-forward block's `act(x · gateᵀ) · (x · upᵀ)` with the rows' kinds, as
+/// [`matmul_many_rows`] of the two matrices followed by `ops::glu_slices`, bit for bit.
+/// When both matrices have bf16 copies, a prompt row's activation is applied in the
+/// tile kernel's epilogue (`bf16::matmul_glu_rows`): the two products are never stored.
+/// None if the shapes differ.
+pub fn matmul_glu_rows(x: &[f32], rows: usize, gate: QMat, up: QMat, prompt: &[bool], act: super::ops::Glu) -> Option<Vec<f32>> {
+    use super::ops::glu_slices;
+    let (k, n) = (gate.k(), gate.n());
+    if up.k() != k || up.n() != n || x.len() != rows * k {
+        return None;
+    }
+    let bf16 = prompt.len() == rows && prompt.iter().any(|&p| p) && super::bf16::enabled();
+    let (Some(gw), Some(uw)) = (if bf16 { (gate.bf16(), up.bf16()) } else { (None, None) }) else {
+        let [g, u]: [Vec<f32>; 2] = matmul_many_rows(x, rows, &[gate, up], prompt)?.try_into().ok()?;
+        return Some(glu_slices(&g, &u, act));
+    };
+    // Every element is written below: each run writes all columns of its rows.
+    let mut out = Uninit::new(rows * n);
+    let ptr = out.ptr();
+    for (a, b, p) in runs(prompt) {
+        let xs = &x[a * k..b * k];
+        if p {
+            let tiles = super::bf16::Rows::new(xs, b - a, k);
+            // SAFETY: rows a..b of the output (stride n = gw.n) are inside it.
+            if !unsafe { super::bf16::matmul_glu_rows(&tiles, gw, uw, ptr.get().add(a * n), n, act) } {
+                return None;
+            }
+        } else {
+            let [g, u]: [Vec<f32>; 2] = matmul_many(xs, b - a, &[gate, up])?.try_into().ok()?;
+            let r = glu_slices(&g, &u, act);
+            // SAFETY: rows a..b of the output are inside it; `r` has (b-a)·n values.
+            unsafe { std::ptr::copy_nonoverlapping(r.as_ptr(), ptr.get().add(a * n), (b - a) * n) };
+        }
+    }
+    Some(out.finish())
 }
 
 /// `x · W_iᵀ` for several matrices of the same input width (a layer's q, k and v
@@ -1759,6 +1800,38 @@ mod tests {
         if !bf16 {
             eprintln!("no AMX-BF16 here: every row took the integer kernels");
         }
+    }
+
+    /// The gated activation in one pass equals the two products followed by the
+    /// elementwise pass, bit for bit, for rows of both kinds in one call (the prompt rows
+    /// through the tile kernel's epilogue where the CPU has AMX-BF16), both activations,
+    /// an odd panel count, and a shape the tiles cannot take.
+    #[test]
+    fn fused_gated_activation_equals_products_then_activation() {
+        use crate::kernels::ops::{glu_slices, Glu};
+        let mut rng = crate::sampling::Rng::new(17);
+        for (n, k, rows) in [(48usize, 96usize, 23usize), (64, 64, 40), (21, 64, 5)] {
+            let mut mk = || -> Vec<f32> { (0..n * k).map(|_| (rng.next_f64() - 0.5) as f32).collect() };
+            let (wg, wu) = (mk(), mk());
+            let g = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&wg, n, k), n, k).unwrap();
+            let u = Q8_0Matrix::from_ggml_bytes(&ggml_q8_0(&wu, n, k), n, k).unwrap();
+            let x: Vec<f32> = (0..rows * k).map(|_| (rng.next_f64() - 0.5) as f32 * 4.0).collect();
+            let kinds: Vec<bool> = (0..rows).map(|r| r % 7 != 3).collect();
+            for act in [Glu::Silu, Glu::Gelu] {
+                for prompt in [&kinds[..], &[]] {
+                    let [pg, pu]: [Vec<f32>; 2] = matmul_many_rows(&x, rows, &[QMat::Q4(&g), QMat::Q8(&u)], prompt).unwrap().try_into().unwrap();
+                    let want = glu_slices(&pg, &pu, act);
+                    let got = crate::kernels::pool().install(|| matmul_glu_rows(&x, rows, QMat::Q4(&g), QMat::Q8(&u), prompt, act)).unwrap();
+                    assert_eq!(got.len(), rows * n);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "n {n} k {k} {act:?} prompt rows: {}", prompt.len());
+                    assert!(got.iter().all(|v| v.is_finite()));
+                }
+            }
+        }
+        let other = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&[0.0; 32 * 64], 32, 64), 32, 64).unwrap();
+        let narrow = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&[0.0; 16 * 64], 16, 64), 16, 64).unwrap();
+        assert!(matmul_glu_rows(&[0.0; 64], 1, QMat::Q4(&other), QMat::Q4(&narrow), &[true], Glu::Silu).is_none(), "widths differ");
     }
 
     #[test]
