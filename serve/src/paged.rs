@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use hromada_models::cache::{AttnParams, KvCache};
 use half::f16;
-use hromada_models::kernels::attn::{attend_paged, write_kv, write_kv_q8, KvElem, PagedLayout, RowSpec, Scales};
+use hromada_models::kernels::attn::{self, attend_paged, write_kv, write_kv_q8, KvElem, PagedLayout, RowSpec, Scales};
 use rayon::prelude::*;
 
 use crate::block_manager::BlockId;
@@ -259,8 +259,10 @@ impl KvCache for PagedBatch<'_> {
     }
 }
 
-/// Every token of the batch against its own sequence's keys: one task per token, each
-/// group of query heads sharing a K/V head at a time.
+/// Every token of the batch against its own sequence's keys: one task per token, or per
+/// run of consecutive prompt tokens of one sequence (`attn::token_group` of them, which
+/// share each key and value read and get the bits they get alone), each group of query
+/// heads sharing a K/V head at a time.
 #[allow(clippy::too_many_arguments)]
 fn attend_tokens<E: KvElem>(
     keys: &[E],
@@ -277,14 +279,39 @@ fn attend_tokens<E: KvElem>(
 ) {
     let d = layout.head_dim;
     let h = layout.n_kv * rep;
-    out.par_chunks_mut(h * d).enumerate().for_each_init(Vec::new, |scratch: &mut Vec<f32>, (ti, o)| {
-        let (si, pos) = tok[ti];
+    let first_of = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    // Runs of consecutive positions of one sequence with the same visible start.
+    let most = attn::token_group(rep);
+    let mut groups: Vec<(usize, usize)> = Vec::with_capacity(tok.len());
+    for (ti, &(si, pos)) in tok.iter().enumerate() {
+        match groups.last_mut() {
+            Some((t0, cnt)) if *cnt < most && tok[*t0].0 == si && tok[*t0].1 + *cnt == pos && first_of(tok[*t0].1) == first_of(pos) => *cnt += 1,
+            _ => groups.push((ti, 1)),
+        }
+    }
+    let mut parts: Vec<&mut [f32]> = Vec::with_capacity(groups.len());
+    let mut rest = out;
+    for &(_, cnt) in &groups {
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(cnt * h * d);
+        parts.push(part);
+        rest = tail;
+    }
+    groups.par_iter().zip(parts).for_each_init(Vec::new, |scratch: &mut Vec<f32>, (&(t0, cnt), o)| {
+        let (si, pos0) = tok[t0];
         let table = &seqs[si].table;
-        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let first = first_of(pos0);
         for g in 0..layout.n_kv {
             let heads = g * rep..(g + 1) * rep;
-            let qs = &qv[(ti * h + heads.start) * d..(ti * h + heads.end) * d];
-            attend_paged(qs, keys, values, scales, layout, g, table, first, pos, spec, scratch, &mut o[heads.start * d..heads.end * d]);
+            let (q0, q1) = ((t0 * h + heads.start) * d, ((t0 + cnt - 1) * h + heads.end) * d);
+            let (o0, o1) = (heads.start * d, ((cnt - 1) * h + heads.end) * d);
+            if cnt > 1 && attn::attend_paged_tokens(&qv[q0..q1], h * d, cnt, rep, keys, values, scales, layout, g, table, first, pos0, spec, scratch, &mut o[o0..o1]) {
+                continue;
+            }
+            for i in 0..cnt {
+                let (ti, pos) = (t0 + i, pos0 + i);
+                let qs = &qv[(ti * h + heads.start) * d..(ti * h + heads.end) * d];
+                attend_paged(qs, keys, values, scales, layout, g, table, first_of(pos), pos, spec, scratch, &mut o[(i * h + heads.start) * d..(i * h + heads.end) * d]);
+            }
         }
     });
 }

@@ -152,22 +152,60 @@ fn q8_scale(x: &[f32]) -> (f32, f32) {
 #[allow(clippy::too_many_arguments)]
 pub fn write_kv_q8(keys: &mut [i8], key_scales: &mut [f32], values: &mut [i8], value_scales: &mut [f32], layout: &PagedLayout, slot: usize, k: &[f32], v: &[f32]) {
     let (d, bs) = (layout.head_dim, layout.block_size);
+    let mut kq = vec![0i8; d];
     for g in 0..layout.n_kv {
-        let kg = &k[g * d..(g + 1) * d];
-        let (sc, inv) = q8_scale(kg);
-        key_scales[layout.scale_index(slot, g)] = sc;
+        key_scales[layout.scale_index(slot, g)] = quantize_q8(&k[g * d..(g + 1) * d], &mut kq);
         let k0 = layout.key_index(slot, g, 0);
-        for (i, &x) in kg.iter().enumerate() {
-            keys[k0 + i * bs] = i8::from_f32(x * inv);
+        for (i, &q) in kq.iter().enumerate() {
+            keys[k0 + i * bs] = q;
         }
-        let vg = &v[g * d..(g + 1) * d];
-        let (sc, inv) = q8_scale(vg);
-        value_scales[layout.scale_index(slot, g)] = sc;
         let v0 = layout.value_index(slot, g);
-        for (o, &x) in values[v0..v0 + d].iter_mut().zip(vg) {
-            *o = i8::from_f32(x * inv);
-        }
+        value_scales[layout.scale_index(slot, g)] = quantize_q8(&v[g * d..(g + 1) * d], &mut values[v0..v0 + d]);
     }
+}
+
+/// One row rounded to i8 with its scale (`q8_scale`, `i8::from_f32` of `x · 127/max`)
+/// into `out`; returns the scale. Sixteen lanes at a time where AVX-512 runs, with the
+/// same bits.
+fn quantize_q8(x: &[f32], out: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if x.len() % 16 == 0 && out.len() >= x.len() && super::has_avx512() {
+        // SAFETY: AVX-512F was detected; `out` holds x.len() values.
+        return unsafe { quantize_q8_avx512(x, out) };
+    }
+    let (sc, inv) = q8_scale(x);
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = i8::from_f32(v * inv);
+    }
+    sc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_q8_avx512(x: &[f32], out: &mut [i8]) -> f32 {
+    use std::arch::x86_64::*;
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let abs = |v: __m512| _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(v)));
+    // max |x|, NaNs skipped as `f32::max` skips them (vmaxps gives its second operand
+    // when the first is NaN).
+    let mut m = _mm512_setzero_ps();
+    for c in x.chunks_exact(16) {
+        m = _mm512_max_ps(abs(_mm512_loadu_ps(c.as_ptr())), m);
+    }
+    let m = _mm512_reduce_max_ps(m);
+    let (sc, inv) = if m > 0.0 && m.is_finite() { (m / 127.0, 127.0 / m) } else { (0.0, 0.0) };
+    let (inv, half) = (_mm512_set1_ps(inv), _mm512_castps_si512(_mm512_set1_ps(0.5)));
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    for (i, c) in x.chunks_exact(16).enumerate() {
+        let v = _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), inv);
+        // v + copysign(0.5, v), clamped (a NaN stays NaN: vminps/vmaxps give their second
+        // operand), truncated toward zero (NaN gives 0x80000000, whose low byte is 0, as
+        // `NaN as i8` is 0).
+        let r = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(v), sign), half)));
+        let r = _mm512_max_ps(lo, _mm512_min_ps(hi, r));
+        _mm_storeu_si128(out.as_mut_ptr().add(i * 16) as *mut __m128i, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r)));
+    }
+    sc
 }
 
 /// Writes one token's new keys and values (`[n_kv · head_dim]` each) into `slot`.
@@ -252,6 +290,176 @@ pub fn attend_paged<E: KvElem>(qs: &[f32], keys: &[E], values: &[E], scales: Opt
     }
     for (q, o) in qs.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         paged_scalar(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o);
+    }
+}
+
+/// How many consecutive tokens of one sequence [`attend_paged_tokens`] takes at once for
+/// `heads` query heads per K/V head (1: it does not apply).
+pub fn token_group(heads: usize) -> usize {
+    match heads {
+        1 => 8,
+        2 => 6,
+        3 => 4,
+        4 => 3,
+        _ => 1,
+    }
+}
+
+/// The attention of `t` consecutive tokens of one sequence, at positions `last0 ..
+/// last0 + t` (a prompt chunk), each over positions `first..=` its own, for the query
+/// `heads` query heads sharing K/V head `g`: token i's `heads · head_dim` query values at
+/// `qs[i · stride..]`,
+/// its output at `out[i · stride..]`. Each loaded key and value row feeds every token's
+/// heads, and each (token, head) takes exactly the steps of [`attend_paged`] alone, so
+/// the bits are the same. False (nothing written) where it does not apply (no AVX-512,
+/// a shape it does not take, `t` above [`token_group`]): then attend token by token.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_paged_tokens<E: KvElem>(qs: &[f32], stride: usize, t: usize, heads: usize, keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last0: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) -> bool {
+    let scales = if E::IS_I8 { scales } else { None };
+    let d = layout.head_dim;
+    if t < 2 || d == 0 {
+        return false;
+    }
+    let last = last0 + t - 1;
+    let fits = heads >= 1
+        && t <= token_group(heads)
+        && heads * d <= stride
+        && qs.len() >= (t - 1) * stride + heads * d
+        && out.len() >= (t - 1) * stride + heads * d
+        && layout.block_size % 16 == 0
+        && d % 32 == 0
+        && spec.head_dim == d
+        && first <= last0
+        && last / layout.block_size < table.len()
+        && keys.len() >= layout.len()
+        && values.len() >= layout.len()
+        && (!E::IS_I8 || scales.is_some_and(|s| s.k.len() >= layout.scales_len() && s.v.len() >= layout.scales_len()))
+        && table[first / layout.block_size..=last / layout.block_size].iter().all(|&b| (b as usize) < layout.num_blocks);
+    #[cfg(target_arch = "x86_64")]
+    if fits && super::has_avx512() {
+        macro_rules! go {
+            ($($g:literal, $t:literal);*) => {
+                match (heads, t) {
+                    // SAFETY: AVX-512F and F16C were detected; the blocks lie inside the
+                    // stores, and qs/out hold t rows of `heads · d` at `stride` (checked).
+                    $(($g, $t) => unsafe { tokens_avx512::<E, $g, $t>(qs, stride, keys, values, scales, layout, g, table, first, last0, spec, scratch, out) },)*
+                    _ => return false,
+                }
+            };
+        }
+        go!(1, 2; 1, 3; 1, 4; 1, 5; 1, 6; 1, 7; 1, 8; 2, 2; 2, 3; 2, 4; 2, 5; 2, 6; 3, 2; 3, 3; 3, 4; 4, 2; 4, 3);
+        return true;
+    }
+    let _ = (fits, keys, values, g, scratch);
+    false
+}
+
+/// [`paged_avx512`] for `T` consecutive tokens of one sequence (`attend_paged_tokens`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tokens_avx512<E: KvElem, const G: usize, const T: usize>(qs: &[f32], stride: usize, keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last0: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (bs, d) = (layout.block_size, layout.head_dim);
+    let last = last0 + T - 1;
+    let (b0, b1) = (first / bs, last / bs);
+    let base = b0 * bs;
+    let len = (b1 - b0 + 1) * bs;
+    if scratch.len() < G * T * len {
+        scratch.resize(G * T * len, 0.0);
+    }
+    let sp = scratch.as_mut_ptr();
+    let kp = keys.as_ptr();
+    let qp = qs.as_ptr();
+    let scale = _mm512_set1_ps(spec.scale);
+    let kbytes = d * bs * std::mem::size_of::<E>();
+    for blk in b0..=b1 {
+        let kb = kp.add(layout.key_block(table[blk] as usize, g));
+        if blk < b1 {
+            let next = kp.add(layout.key_block(table[blk + 1] as usize, g)) as *const i8;
+            for off in (0..kbytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(next.add(off));
+            }
+        }
+        for c in (0..bs).step_by(16) {
+            let mut acc = [[[_mm512_setzero_ps(); 2]; G]; T];
+            let mut i = 0;
+            while i + 2 <= d {
+                let k0 = load16(kb.add(i * bs + c));
+                let k1 = load16(kb.add((i + 1) * bs + c));
+                for (t, at) in acc.iter_mut().enumerate() {
+                    for (h, a) in at.iter_mut().enumerate() {
+                        let q = qp.add(t * stride + h * d + i);
+                        a[0] = _mm512_fmadd_ps(_mm512_set1_ps(*q), k0, a[0]);
+                        a[1] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(1)), k1, a[1]);
+                    }
+                }
+                i += 2;
+            }
+            let mut sc = scale;
+            if let (true, Some(s)) = (E::IS_I8, scales) {
+                sc = _mm512_mul_ps(sc, _mm512_loadu_ps(s.k.as_ptr().add(layout.scale_index(table[blk] as usize * bs + c, g))));
+            }
+            for (t, at) in acc.iter().enumerate() {
+                for (h, a) in at.iter().enumerate() {
+                    _mm512_storeu_ps(sp.add((t * G + h) * len + (blk - b0) * bs + c), _mm512_mul_ps(_mm512_add_ps(a[0], a[1]), sc));
+                }
+            }
+        }
+    }
+    let mut inv = [[0f32; G]; T];
+    for (t, it) in inv.iter_mut().enumerate() {
+        for (h, v) in it.iter_mut().enumerate() {
+            let r = (t * G + h) * len;
+            *v = exp_normaliser512(&mut scratch[r..r + len], first - base, last0 + t - base, spec.softcap);
+        }
+    }
+    // Σ_j p_j · v_j, 32 dims per pass: each value row read once for every token's heads;
+    // token t stops at its own position.
+    let (vp, sp) = (values.as_ptr(), scratch.as_ptr());
+    let op = out.as_mut_ptr();
+    let vbytes = 32 * std::mem::size_of::<E>();
+    for c0 in (0..d).step_by(32) {
+        let mut acc = [[[_mm512_setzero_ps(); 2]; G]; T];
+        for blk in first / bs..=last / bs {
+            let (j0, j1) = ((blk * bs).max(first), (blk * bs + bs - 1).min(last));
+            let mut row = vp.add(layout.value_index(table[blk] as usize * bs + j0 % bs, g) + c0);
+            if blk < last / bs {
+                let mut next = vp.add(layout.value_index(table[blk + 1] as usize * bs, g) + c0) as *const i8;
+                for _ in 0..bs {
+                    for off in (0..vbytes).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(next.add(off));
+                    }
+                    next = next.add(d * std::mem::size_of::<E>());
+                }
+            }
+            let slot0 = table[blk] as usize * bs;
+            for j in j0..=j1 {
+                let (v0, v1) = (load16(row), load16(row.add(16)));
+                let w = match (E::IS_I8, scales) {
+                    (true, Some(s)) => *s.v.get_unchecked(layout.scale_index(slot0 + j % bs, g)),
+                    _ => 1.0,
+                };
+                for (t, at) in acc.iter_mut().enumerate() {
+                    if j <= last0 + t {
+                        for (h, a) in at.iter_mut().enumerate() {
+                            let p = _mm512_set1_ps(*sp.add((t * G + h) * len + j - base) * w);
+                            a[0] = _mm512_fmadd_ps(p, v0, a[0]);
+                            a[1] = _mm512_fmadd_ps(p, v1, a[1]);
+                        }
+                    }
+                }
+                row = row.add(d);
+            }
+        }
+        for (t, at) in acc.iter().enumerate() {
+            for (h, a) in at.iter().enumerate() {
+                let s = _mm512_set1_ps(inv[t][h]);
+                for (c, v) in a.iter().enumerate() {
+                    _mm512_storeu_ps(op.add(t * stride + h * d + c0 + c * 16), _mm512_mul_ps(*v, s));
+                }
+            }
+        }
     }
 }
 
@@ -700,6 +908,80 @@ mod tests {
     }
 
     /// An 8-bit store without its scales is refused (NaN out), never read unscaled.
+    /// A prompt chunk's tokens attended together give each token's bits alone, for
+    /// every store type, 1 to 4 heads per K/V head, chunks that start and end inside
+    /// blocks, a sliding start, and a group one token short.
+    fn tokens_match_one_at_a_time<E: KvElem>(write: Writer<E>) {
+        let mut rng = crate::sampling::Rng::new(5);
+        let (d, n_kv, bs) = (64usize, 2usize, 16usize);
+        let total_pos = 90;
+        let nblocks = total_pos / bs + 3;
+        let layout = PagedLayout { block_size: bs, n_kv, head_dim: d, num_blocks: nblocks };
+        let table: Vec<u32> = (0..=total_pos / bs).map(|b| ((b * 5 + 1) % nblocks) as u32).collect();
+        let mut keys = vec![E::default(); layout.len()];
+        let mut values = vec![E::default(); layout.len()];
+        let (mut ks, mut vs) = (vec![0f32; layout.scales_len()], vec![0f32; layout.scales_len()]);
+        for j in 0..total_pos {
+            let k: Vec<f32> = (0..n_kv * d).map(|_| (rng.next_f64() - 0.5) as f32 * 4.0).collect();
+            let v: Vec<f32> = (0..n_kv * d).map(|_| (rng.next_f64() - 0.5) as f32).collect();
+            write(&mut keys, &mut values, &mut ks, &mut vs, &layout, slot_of(&layout, &table, j), &k, &v);
+        }
+        let scales = Some(Scales { k: &ks, v: &vs });
+        let spec = RowSpec { head_dim: d, scale: 0.125, softcap: None };
+        let mut ran = false;
+        for heads in 1..=4usize {
+            let stride = heads * d + 32;
+            let tg = token_group(heads);
+            for (first, last0, t) in [(0usize, 0usize, tg), (0, 13, tg), (0, 30, tg.min(2)), (7, 40, tg - 1), (20, 80, tg)] {
+                let qs: Vec<f32> = (0..t * stride).map(|_| (rng.next_f64() - 0.5) as f32).collect();
+                let mut scratch = Vec::new();
+                let mut got = vec![5f32; t * stride];
+                let g = heads % n_kv;
+                if !attend_paged_tokens(&qs, stride, t, heads, &keys, &values, scales, &layout, g, &table, first, last0, spec, &mut scratch, &mut got) {
+                    continue;
+                }
+                ran = true;
+                for i in 0..t {
+                    let mut want = vec![6f32; heads * d];
+                    attend_paged(&qs[i * stride..i * stride + heads * d], &keys, &values, scales, &layout, g, &table, first, last0 + i, spec, &mut scratch, &mut want);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got[i * stride..i * stride + heads * d]), bits(&want), "heads {heads} first {first} last0 {last0} t {t}: token {i}");
+                    assert!(got[i * stride + heads * d..(i + 1) * stride].iter().all(|&v| v == 5.0), "padding untouched");
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(ran, crate::kernels::has_avx512(), "the grouped kernel runs wherever AVX-512 does");
+        let _ = ran;
+    }
+
+    #[test]
+    fn prompt_tokens_together_equal_tokens_alone() {
+        tokens_match_one_at_a_time::<f32>(write_plain::<f32>);
+        tokens_match_one_at_a_time::<f16>(write_plain::<f16>);
+        tokens_match_one_at_a_time::<i8>(|k, v, ks, vs, l, slot, kn, vn| write_kv_q8(k, ks, v, vs, l, slot, kn, vn));
+    }
+
+    /// The vector row quantizer gives the scalar one's bits, ties, zeros, infinities and
+    /// NaNs included.
+    #[test]
+    fn vector_quantizer_matches_the_scalar_one() {
+        let mut rng = crate::sampling::Rng::new(3);
+        let mut rows: Vec<Vec<f32>> = (0..50).map(|_| (0..64).map(|_| (rng.next_f64() - 0.5) as f32 * 8.0).collect()).collect();
+        rows.push(vec![0.0; 64]);
+        rows.push((0..64).map(|i| if i == 5 { f32::NAN } else { i as f32 - 30.0 }).collect());
+        rows.push((0..64).map(|i| if i == 9 { f32::INFINITY } else { 1.0 }).collect());
+        rows.push((0..64).map(|i| (i as f32 - 32.0) * 0.5).collect()); // exact halves after scaling
+        rows.push((0..64).map(|i| if i == 0 { 127.0 } else { i as f32 - 31.5 }).collect());
+        for (r, x) in rows.iter().enumerate() {
+            let (sc, inv) = q8_scale(x);
+            let want: Vec<i8> = x.iter().map(|&v| i8::from_f32(v * inv)).collect();
+            let mut got = vec![1i8; 64];
+            assert_eq!(quantize_q8(x, &mut got).to_bits(), sc.to_bits(), "row {r} scale");
+            assert_eq!(got, want, "row {r}");
+        }
+    }
+
     #[test]
     fn eight_bit_store_needs_its_scales() {
         let layout = PagedLayout { block_size: 16, n_kv: 1, head_dim: 16, num_blocks: 1 };
