@@ -20,6 +20,10 @@
 //! request returns alone. The bf16 copy of a matrix is built the first time a prompt row
 //! reaches it (the LM head, which only ever sees integer rows here, never gets one),
 //! within [`budget_bytes`].
+//!
+//! A feed-forward block's gate and up projections take one pass ([`matmul_glu_rows`]):
+//! each task's tile pair is the same panel of both matrices, and the gated activation
+//! is applied to the sums in the epilogue, so the two products are never stored.
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
