@@ -169,7 +169,7 @@ pub fn write_kv_q8(keys: &mut [i8], key_scales: &mut [f32], values: &mut [i8], v
 /// same bits.
 fn quantize_q8(x: &[f32], out: &mut [i8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if x.len() % 16 == 0 && out.len() >= x.len() && super::has_avx512() {
+    if x.len().is_multiple_of(16) && out.len() >= x.len() && super::has_avx512() {
         // SAFETY: AVX-512F was detected; `out` holds x.len() values.
         return unsafe { quantize_q8_avx512(x, out) };
     }
@@ -326,8 +326,8 @@ pub fn attend_paged_tokens<E: KvElem>(qs: &[f32], stride: usize, t: usize, heads
         && heads * d <= stride
         && qs.len() >= (t - 1) * stride + heads * d
         && out.len() >= (t - 1) * stride + heads * d
-        && layout.block_size % 16 == 0
-        && d % 32 == 0
+        && layout.block_size.is_multiple_of(16)
+        && d.is_multiple_of(32)
         && spec.head_dim == d
         && first <= last0
         && last / layout.block_size < table.len()
