@@ -368,45 +368,7 @@ unsafe fn tokens_avx512<E: KvElem, const G: usize, const T: usize>(qs: &[f32], s
     if scratch.len() < G * T * len {
         scratch.resize(G * T * len, 0.0);
     }
-    let sp = scratch.as_mut_ptr();
-    let kp = keys.as_ptr();
-    let qp = qs.as_ptr();
-    let scale = _mm512_set1_ps(spec.scale);
-    let kbytes = d * bs * std::mem::size_of::<E>();
-    for blk in b0..=b1 {
-        let kb = kp.add(layout.key_block(table[blk] as usize, g));
-        if blk < b1 {
-            let next = kp.add(layout.key_block(table[blk + 1] as usize, g)) as *const i8;
-            for off in (0..kbytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(next.add(off));
-            }
-        }
-        for c in (0..bs).step_by(16) {
-            let mut acc = [[[_mm512_setzero_ps(); 2]; G]; T];
-            let mut i = 0;
-            while i + 2 <= d {
-                let k0 = load16(kb.add(i * bs + c));
-                let k1 = load16(kb.add((i + 1) * bs + c));
-                for (t, at) in acc.iter_mut().enumerate() {
-                    for (h, a) in at.iter_mut().enumerate() {
-                        let q = qp.add(t * stride + h * d + i);
-                        a[0] = _mm512_fmadd_ps(_mm512_set1_ps(*q), k0, a[0]);
-                        a[1] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(1)), k1, a[1]);
-                    }
-                }
-                i += 2;
-            }
-            let mut sc = scale;
-            if let (true, Some(s)) = (E::IS_I8, scales) {
-                sc = _mm512_mul_ps(sc, _mm512_loadu_ps(s.k.as_ptr().add(layout.scale_index(table[blk] as usize * bs + c, g))));
-            }
-            for (t, at) in acc.iter().enumerate() {
-                for (h, a) in at.iter().enumerate() {
-                    _mm512_storeu_ps(sp.add((t * G + h) * len + (blk - b0) * bs + c), _mm512_mul_ps(_mm512_add_ps(a[0], a[1]), sc));
-                }
-            }
-        }
-    }
+    scores512::<E, G, T>(qs.as_ptr(), stride, keys, scales, layout, g, table, (b0, b1), spec, scratch.as_mut_ptr(), len);
     let mut inv = [[0f32; G]; T];
     for (t, it) in inv.iter_mut().enumerate() {
         for (h, v) in it.iter_mut().enumerate() {
@@ -425,13 +387,7 @@ unsafe fn tokens_avx512<E: KvElem, const G: usize, const T: usize>(qs: &[f32], s
             let (j0, j1) = ((blk * bs).max(first), (blk * bs + bs - 1).min(last));
             let mut row = vp.add(layout.value_index(table[blk] as usize * bs + j0 % bs, g) + c0);
             if blk < last / bs {
-                let mut next = vp.add(layout.value_index(table[blk + 1] as usize * bs, g) + c0) as *const i8;
-                for _ in 0..bs {
-                    for off in (0..vbytes).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(next.add(off));
-                    }
-                    next = next.add(d * std::mem::size_of::<E>());
-                }
+                prefetch_values(vp, layout, table[blk + 1], g, c0, vbytes);
             }
             let slot0 = table[blk] as usize * bs;
             for j in j0..=j1 {
@@ -603,26 +559,17 @@ unsafe fn exp_normaliser512(s: &mut [f32], lo: usize, hi: usize, cap: Option<f32
     1.0 / _mm512_reduce_add_ps(sumv)
 }
 
-/// `G` query heads, AVX-512: scores 16 keys per FMA, values in register tiles of
-/// `G x 4` vectors (64 dims per pass).
+/// The scaled scores `q·k` of `T` tokens' `G` query heads (token t's at `qs + t·stride`)
+/// for every slot of blocks `b0..=b1` of the table, into rows of `len` at `sp` (row
+/// `t·G + h`): 16 slots per FMA, each loaded key feeding every query row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
+unsafe fn scores512<E: KvElem, const G: usize, const T: usize>(qp: *const f32, stride: usize, keys: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], (b0, b1): (usize, usize), spec: RowSpec, sp: *mut f32, len: usize) {
     use std::arch::x86_64::*;
     let (bs, d) = (layout.block_size, layout.head_dim);
-    let (b0, b1) = (first / bs, last / bs);
-    let base = b0 * bs;
-    let len = (b1 - b0 + 1) * bs;
-    if scratch.len() < G * len {
-        scratch.resize(G * len, 0.0);
-    }
-    let sp = scratch.as_mut_ptr();
     let kp = keys.as_ptr();
-    let qp = qs.as_ptr();
     let scale = _mm512_set1_ps(spec.scale);
-    // Scores for every slot of the visible blocks (slots outside first..=last are
-    // computed and ignored).
     let kbytes = d * bs * std::mem::size_of::<E>();
     for blk in b0..=b1 {
         let kb = kp.add(layout.key_block(table[blk] as usize, g));
@@ -634,14 +581,17 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
             }
         }
         for c in (0..bs).step_by(16) {
-            let mut acc = [[_mm512_setzero_ps(); 2]; G];
+            let mut acc = [[[_mm512_setzero_ps(); 2]; G]; T];
             let mut i = 0;
             while i + 2 <= d {
                 let k0 = load16(kb.add(i * bs + c));
                 let k1 = load16(kb.add((i + 1) * bs + c));
-                for (h, a) in acc.iter_mut().enumerate() {
-                    a[0] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(h * d + i)), k0, a[0]);
-                    a[1] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(h * d + i + 1)), k1, a[1]);
+                for (t, at) in acc.iter_mut().enumerate() {
+                    for (h, a) in at.iter_mut().enumerate() {
+                        let q = qp.add(t * stride + h * d + i);
+                        a[0] = _mm512_fmadd_ps(_mm512_set1_ps(*q), k0, a[0]);
+                        a[1] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(1)), k1, a[1]);
+                    }
                 }
                 i += 2;
             }
@@ -650,11 +600,46 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
                 // The 16 slots' key scales, contiguous in the block.
                 sc = _mm512_mul_ps(sc, _mm512_loadu_ps(s.k.as_ptr().add(layout.scale_index(table[blk] as usize * bs + c, g))));
             }
-            for (h, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(sp.add(h * len + (blk - b0) * bs + c), _mm512_mul_ps(_mm512_add_ps(a[0], a[1]), sc));
+            for (t, at) in acc.iter().enumerate() {
+                for (h, a) in at.iter().enumerate() {
+                    _mm512_storeu_ps(sp.add((t * G + h) * len + (blk - b0) * bs + c), _mm512_mul_ps(_mm512_add_ps(a[0], a[1]), sc));
+                }
             }
         }
     }
+}
+
+/// Starts fetching `vbytes` from dim `c0` of each value row of block `blk`, K/V head `g`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn prefetch_values<E: KvElem>(vp: *const E, layout: &PagedLayout, blk: u32, g: usize, c0: usize, vbytes: usize) {
+    use std::arch::x86_64::*;
+    let mut next = vp.add(layout.value_index(blk as usize * layout.block_size, g) + c0) as *const i8;
+    for _ in 0..layout.block_size {
+        for off in (0..vbytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(next.add(off));
+        }
+        next = next.add(layout.head_dim * std::mem::size_of::<E>());
+    }
+}
+
+/// `G` query heads, AVX-512: scores 16 keys per FMA, values in register tiles of
+/// `G x 4` vectors (64 dims per pass).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
+    let (bs, d) = (layout.block_size, layout.head_dim);
+    let (b0, b1) = (first / bs, last / bs);
+    let base = b0 * bs;
+    let len = (b1 - b0 + 1) * bs;
+    if scratch.len() < G * len {
+        scratch.resize(G * len, 0.0);
+    }
+    // Scores for every slot of the visible blocks (slots outside first..=last are
+    // computed and ignored).
+    scores512::<E, G, 1>(qs.as_ptr(), 0, keys, scales, layout, g, table, (b0, b1), spec, scratch.as_mut_ptr(), len);
     let (lo, hi) = (first - base, last - base);
     let mut inv = [0f32; G];
     for (h, v) in inv.iter_mut().enumerate() {
@@ -692,13 +677,7 @@ unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], sca
         let (j0, j1) = ((blk * bs).max(first), (blk * bs + bs - 1).min(last));
         let mut row = vp.add(layout.value_index(table[blk] as usize * bs + j0 % bs, g) + c0);
         if blk < last / bs {
-            let mut next = vp.add(layout.value_index(table[blk + 1] as usize * bs, g) + c0) as *const i8;
-            for _ in 0..bs {
-                for off in (0..vbytes).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(next.add(off));
-                }
-                next = next.add(step * std::mem::size_of::<E>());
-            }
+            prefetch_values(vp, layout, table[blk + 1], g, c0, vbytes);
         }
         let slot0 = table[blk] as usize * bs;
         for j in j0..=j1 {
