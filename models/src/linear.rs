@@ -306,31 +306,9 @@ impl Linear {
     /// `ops::silu_mul` / `ops::gelu_mul`. The same bits either way.
     pub fn forward_glu_rows(x: &Tensor, gate: &Linear, up: &Linear, prompt: &[bool], act: crate::kernels::ops::Glu) -> Result<Tensor> {
         use crate::kernels::ops::{self, Glu};
-        use crate::kernels::q4_1::{matmul_glu_rows, QMat};
-        fn qmat(l: &Linear) -> Option<QMat<'_>> {
-            match (&l.weight, &l.lora, &l.bias) {
-                (Weight::Q4_1(m), None, None) => Some(QMat::Q4(m)),
-                (Weight::Q8_0(m), None, None) => Some(QMat::Q8(m)),
-                _ => None,
-            }
-        }
-        if let (Some(g), Some(u), true) = (qmat(gate), qmat(up), x.device().is_cpu() && x.dtype() == DType::F32 && gate.in_dim == up.in_dim) {
-            let xc = x.contiguous()?;
-            let in_dim = gate.in_dim;
-            let rows = xc.elem_count() / in_dim.max(1);
-            let out = {
-                let (st, l) = xc.storage_and_layout();
-                match (&*st, l.contiguous_offsets()) {
-                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) if x.dim(candle_core::D::Minus1)? == in_dim => matmul_glu_rows(&v[a..b], rows, g, u, prompt, act),
-                    _ => None,
-                }
-            };
-            if let Some(out) = out {
-                let mut dims = x.dims().to_vec();
-                if let Some(d) = dims.last_mut() {
-                    *d = gate.out_dim;
-                }
-                return Tensor::from_vec(out, dims.as_slice(), x.device());
+        if let (Some(g), Some(u), None, None) = (gate.qmat(), up.qmat(), &gate.bias, &up.bias) {
+            if let Some(out) = with_cpu_rows(x, gate.in_dim, |v, rows| crate::kernels::q4_1::matmul_glu_rows(v, rows, g, u, prompt, act))? {
+                return Tensor::from_vec(out, dims_with_last(x, gate.out_dim), x.device());
             }
         }
         match Self::forward_many_rows(x, &[gate, up], prompt)?.as_slice() {
@@ -346,43 +324,16 @@ impl Linear {
     /// token's; empty: none) take the bf16 tile path where the CPU has it
     /// (`kernels::q4_1::matmul_many_rows`), the others the integer kernels.
     pub fn forward_many_rows(x: &Tensor, layers: &[&Linear], prompt: &[bool]) -> Result<Vec<Tensor>> {
-        use crate::kernels::q4_1::{matmul_many, matmul_many_rows, QMat};
-        let fusable = x.device().is_cpu() && x.dtype() == DType::F32 && layers.iter().all(|l| l.lora.is_none() && matches!(l.weight, Weight::Q4_1(_) | Weight::Q8_0(_)));
-        if fusable {
-            let mats: Vec<QMat> = layers
-                .iter()
-                .filter_map(|l| match &l.weight {
-                    Weight::Q4_1(m) => Some(QMat::Q4(m)),
-                    Weight::Q8_0(m) => Some(QMat::Q8(m)),
-                    _ => None,
-                })
-                .collect();
-            let in_dim = layers[0].in_dim;
-            let xc = x.contiguous()?;
-            let rows = xc.elem_count() / in_dim.max(1);
-            let outs = {
-                let (st, l) = xc.storage_and_layout();
-                match (&*st, l.contiguous_offsets()) {
-                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) if x.dim(candle_core::D::Minus1)? == in_dim => {
-                        if prompt.len() == rows {
-                            matmul_many_rows(&v[a..b], rows, &mats, prompt)
-                        } else {
-                            matmul_many(&v[a..b], rows, &mats)
-                        }
-                    }
-                    _ => None,
-                }
-            };
+        use crate::kernels::q4_1::{matmul_many, matmul_many_rows};
+        let mats: Option<Vec<_>> = layers.iter().map(|l| l.qmat()).collect();
+        if let (Some(mats), Some(first)) = (mats, layers.first()) {
+            let outs = with_cpu_rows(x, first.in_dim, |v, rows| if prompt.len() == rows { matmul_many_rows(v, rows, &mats, prompt) } else { matmul_many(v, rows, &mats) })?;
             if let Some(outs) = outs {
-                let mut dims = x.dims().to_vec();
                 return layers
                     .iter()
                     .zip(outs)
                     .map(|(l, o)| {
-                        if let Some(d) = dims.last_mut() {
-                            *d = l.out_dim;
-                        }
-                        let y = Tensor::from_vec(o, dims.as_slice(), x.device())?;
+                        let y = Tensor::from_vec(o, dims_with_last(x, l.out_dim), x.device())?;
                         match &l.bias {
                             None => Ok(y),
                             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
@@ -393,6 +344,40 @@ impl Linear {
         }
         layers.iter().map(|l| l.forward(x)).collect()
     }
+
+    /// The weights as hromada's quantized CPU kernels take them (Q4_1 or Q8_0, no LoRA).
+    fn qmat(&self) -> Option<crate::kernels::q4_1::QMat<'_>> {
+        use crate::kernels::q4_1::QMat;
+        match (&self.weight, &self.lora) {
+            (Weight::Q4_1(m), None) => Some(QMat::Q4(m)),
+            (Weight::Q8_0(m), None) => Some(QMat::Q8(m)),
+            _ => None,
+        }
+    }
+}
+
+/// `f(values, rows)` over `x` as rows of `in_dim` f32 values when it is an f32 tensor on
+/// the CPU of that width (made contiguous first); None otherwise, or when `f` gives None.
+fn with_cpu_rows<R>(x: &Tensor, in_dim: usize, f: impl FnOnce(&[f32], usize) -> Option<R>) -> Result<Option<R>> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || x.dim(candle_core::D::Minus1)? != in_dim {
+        return Ok(None);
+    }
+    let xc = x.contiguous()?;
+    let rows = xc.elem_count() / in_dim.max(1);
+    let (st, l) = xc.storage_and_layout();
+    Ok(match (&*st, l.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => f(&v[a..b], rows),
+        _ => None,
+    })
+}
+
+/// `x`'s shape with its last dimension set to `n`.
+fn dims_with_last(x: &Tensor, n: usize) -> Vec<usize> {
+    let mut dims = x.dims().to_vec();
+    if let Some(d) = dims.last_mut() {
+        *d = n;
+    }
+    dims
 }
 
 impl Module for Linear {

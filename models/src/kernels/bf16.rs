@@ -222,45 +222,44 @@ impl Rows {
     }
 }
 
+impl Rows {
+    /// The row count, when these rows were made with reduction length `k` (else 0).
+    fn rows_for(&self, k: usize) -> usize {
+        if self.k == k && self.a.0.len() * 32 == self.rows * k {
+            self.rows
+        } else {
+            0
+        }
+    }
+}
+
 /// `rows` times `w`ᵀ into `out` (`rows.rows` rows of stride `ldo`, columns `0..w.n`
 /// written; it may be uninitialized: every written element is stored, none read).
 ///
 /// # Safety
 /// `out` is valid for writes of `(rows.rows - 1)·ldo + w.n` f32 values.
 pub unsafe fn matmul_rows(rows: &Rows, w: &Bf16Panels, out: *mut f32, ldo: usize) {
-    let (k, a) = (w.k, &rows.a);
-    let rows = if rows.k == k && a.0.len() * 32 == rows.rows * k { rows.rows } else { 0 };
+    let (k, a, rows) = (w.k, &rows.a, rows.rows_for(w.k));
     if rows == 0 || ldo < w.n || !enabled() {
         return;
     }
-    let pairs = (w.n / NR).div_ceil(2);
     let op = OutPtr(out);
-    let threads = rayon::current_num_threads().max(1);
-    let per_task = pairs.div_ceil(threads * 4).max(1);
-    let tasks = pairs.div_ceil(per_task);
     let (steps, panels) = (k / KS, w.n / NR);
-    let run = |t: usize| {
-        for pp in t * per_task..((t + 1) * per_task).min(pairs) {
-            let p0 = 2 * pp;
-            // The next pair's weights are fetched into L2 while this pair computes.
-            let next = if p0 + 2 < panels { (w.panel(p0 + 2), (panels - p0 - 2).min(2) * steps * 1024) } else { (w.panel(p0), 0) };
-            // SAFETY: AMX-BF16 was granted (`enabled`); `a` holds rows x k values; the
-            // panels are inside `w`; each task writes only its own panels' columns
-            // (p0·16 and up, inside 0..w.n) of rows 0..rows, inside `out`.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                let second = (p0 + 1 < panels).then(|| w.panel(p0 + 1));
-                amx::panels(a, rows, k, w.panel(p0), second, [next, (next.0, 0)], op.get(), ldo, p0 * NR, Epilogue::Store)
-            };
-        }
-    };
-    use rayon::prelude::*;
-    if tasks <= 1 {
-        run(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
-    }
+    super::on_pool(panels.div_ceil(2), |pp| {
+        let p0 = 2 * pp;
+        // The next pair's weights are fetched into L2 while this pair computes.
+        let next = if p0 + 2 < panels { (w.panel(p0 + 2), (panels - p0 - 2).min(2) * steps * 1024) } else { (w.panel(p0), 0) };
+        // SAFETY: AMX-BF16 was granted (`enabled`); `a` holds rows x k values; the
+        // panels are inside `w`; each call writes only its own panels' columns (p0·16
+        // and up, inside 0..w.n) of rows 0..rows, inside `out`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let second = (p0 + 1 < panels).then(|| w.panel(p0 + 1));
+            amx::panels(a, rows, k, w.panel(p0), second, [next, (next.0, 0)], op.get(), ldo, p0 * NR, Epilogue::Store)
+        };
+    });
 }
+
 
 /// `act(rows · gateᵀ) · (rows · upᵀ)` into `out` (`rows.rows` rows of stride `ldo`,
 /// columns `0..gate.n` written, none read): a feed-forward block's gated activation
@@ -273,33 +272,21 @@ pub unsafe fn matmul_rows(rows: &Rows, w: &Bf16Panels, out: *mut f32, ldo: usize
 /// # Safety
 /// `out` is valid for writes of `(rows.rows - 1)·ldo + gate.n` f32 values.
 pub unsafe fn matmul_glu_rows(rows: &Rows, gate: &Bf16Panels, up: &Bf16Panels, out: *mut f32, ldo: usize, act: super::ops::Glu) -> bool {
-    let (k, a) = (gate.k, &rows.a);
-    let rows = if rows.k == k && a.0.len() * 32 == rows.rows * k { rows.rows } else { 0 };
+    let (k, a, rows) = (gate.k, &rows.a, rows.rows_for(gate.k));
     if rows == 0 || up.k != k || up.n != gate.n || ldo < gate.n || !enabled() {
         return false;
     }
     let (steps, panels) = (k / KS, gate.n / NR);
     let op = OutPtr(out);
-    let threads = rayon::current_num_threads().max(1);
-    let per_task = panels.div_ceil(threads * 4).max(1);
-    let tasks = panels.div_ceil(per_task);
-    let run = |t: usize| {
-        for p in t * per_task..((t + 1) * per_task).min(panels) {
-            let bytes = if p + 1 < panels { steps * 1024 } else { 0 };
-            let next = [(gate.panel((p + 1).min(panels - 1)), bytes), (up.panel((p + 1).min(panels - 1)), bytes)];
-            // SAFETY: as in `matmul_rows`; this task writes columns p·16..p·16 + 16.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                amx::panels(a, rows, k, gate.panel(p), Some(up.panel(p)), next, op.get(), ldo, p * NR, Epilogue::Glu(act))
-            };
-        }
-    };
-    use rayon::prelude::*;
-    if tasks <= 1 {
-        run(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
-    }
+    super::on_pool(panels, |p| {
+        let bytes = if p + 1 < panels { steps * 1024 } else { 0 };
+        let next = [(gate.panel((p + 1).min(panels - 1)), bytes), (up.panel((p + 1).min(panels - 1)), bytes)];
+        // SAFETY: as in `matmul_rows`; this call writes columns p·16..p·16 + 16.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            amx::panels(a, rows, k, gate.panel(p), Some(up.panel(p)), next, op.get(), ldo, p * NR, Epilogue::Glu(act))
+        };
+    });
     true
 }
 

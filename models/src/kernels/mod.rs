@@ -20,6 +20,23 @@ pub fn has_avx2() -> bool {
     *AVX2.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c"))
 }
 
+/// `f(i)` for every `i < units`, the units split into contiguous ranges across the
+/// compute pool: about four per thread, enough to balance the threads and few enough
+/// that a decode step's small matmuls are not drowned in task overhead (on the calling
+/// thread when that is one range).
+pub(crate) fn on_pool(units: usize, f: impl Fn(usize) + Sync) {
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = units.div_ceil(threads * 4).max(1);
+    let tasks = units.div_ceil(per_task);
+    let run = |t: usize| (t * per_task..((t + 1) * per_task).min(units)).for_each(&f);
+    use rayon::prelude::*;
+    if tasks <= 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
 /// The compute pool. A forward pass runs inside it (`install`), so the calling thread is
 /// one of its workers and no extra thread competes for the cores while idle workers spin
 /// between kernels (with 2 cores that competition cost a third of decode time).

@@ -771,26 +771,14 @@ fn matmul_one(m: QMat, x: &[f32], rows: usize, isa: Isa) -> Vec<f32> {
 /// Runs `f(panel, r0, rt)` for every panel and row tile: panels split across the pool in
 /// contiguous ranges, each task taking its panels over all rows in tiles of `mr`.
 fn run_panels(panels: usize, rows: usize, mr: usize, f: impl Fn(usize, usize, usize) + Sync) {
-    let threads = rayon::current_num_threads().max(1);
-    // Enough tasks to balance the threads; few enough that a decode step's small matmuls
-    // are not drowned in task overhead.
-    let per_task = panels.div_ceil(threads * 4).max(1);
-    let run = |t: usize| {
-        for p in t * per_task..((t + 1) * per_task).min(panels) {
-            let mut r0 = 0;
-            while r0 < rows {
-                let rt = (rows - r0).min(mr);
-                f(p, r0, rt);
-                r0 += rt;
-            }
+    super::on_pool(panels, |p| {
+        let mut r0 = 0;
+        while r0 < rows {
+            let rt = (rows - r0).min(mr);
+            f(p, r0, rt);
+            r0 += rt;
         }
-    };
-    let tasks = panels.div_ceil(per_task);
-    if tasks == 1 {
-        run(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
-    }
+    });
 }
 
 /// The instruction set the kernels use, detected once per process.
