@@ -210,9 +210,10 @@ struct ServeArgs {
     /// KV-cache memory budget in MiB.
     #[arg(long, default_value_t = 512)]
     kv_cache_mib: usize,
-    /// KV-cache element type: auto (CPU: q8 for quantized models, f16 for half-precision
-    /// ones, f32 for f32 ones; GPU: the model's precision), f32, f16, or q8 (CPU: 8-bit
-    /// values with a scale per token and K/V head, half of f16's memory).
+    /// KV-cache element type: auto (CPU: q8 for quantized models where AVX-512 VNNI runs
+    /// its integer attention, else f16; f16 for half-precision ones, f32 for f32 ones;
+    /// GPU: the model's precision), f32, f16, or q8 (CPU: 8-bit values with a scale per
+    /// token and K/V head, half of f16's memory).
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: hromada_serve::paged::KvCacheDType,
     /// Requests in flight before new ones get 429.

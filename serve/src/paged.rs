@@ -80,10 +80,13 @@ impl PagedKv {
     }
 
     /// What a CPU cache for this model holds under `choice` (F32, F16 or Q8): `auto` is
-    /// 8-bit with quantized weights, f16 with half-precision activations, else f32.
+    /// 8-bit with quantized weights where the integer attention kernels run (AVX-512
+    /// VNNI; elsewhere the 8-bit store takes a scalar kernel, so f16), f16 with
+    /// half-precision activations, else f32.
     pub fn cpu_kind(choice: KvCacheDType, dtype: DType, weights_quantized: bool) -> KvCacheDType {
         match choice {
-            KvCacheDType::Auto if weights_quantized => KvCacheDType::Q8,
+            KvCacheDType::Auto if weights_quantized && attn::q8::vectorized() => KvCacheDType::Q8,
+            KvCacheDType::Auto if weights_quantized => KvCacheDType::F16,
             KvCacheDType::Auto if matches!(dtype, DType::BF16 | DType::F16) => KvCacheDType::F16,
             KvCacheDType::Auto => KvCacheDType::F32,
             other => other,

@@ -12,14 +12,16 @@
 //! the group's query heads (the heads sharing a K/V head) reuses the loaded keys. The
 //! weighted sum of values reads each value row once for all the group's heads, with the
 //! output held in registers. Stores hold f32, f16 or i8 ([`KvElem`]); f16 is widened
-//! with F16C as it is read, halving the memory a decode step streams, and i8 (an 8-bit
-//! cache, as llama.cpp's `q8_0` cache type) halves it again: each (slot, K/V head) row of
-//! keys or values is quantized with one f32 scale (`max|x| / 127`, [`Scales`]), which
-//! multiplies the 16 scores of a block's slots at once and each value row's weight.
+//! with F16C as it is read, halving the memory a decode step streams. An 8-bit store (as
+//! llama.cpp's `q8_0` cache type) halves it again: each (slot, K/V head) row of keys or
+//! values is quantized with one f32 scale (`max|x| / 127`, [`Scales`]), and its blocks
+//! are arranged for integer dot products with an 8-bit query instead (module [`q8`]).
 //!
 //! The arithmetic of a token depends only on its own query and keys, never on the rest
 //! of the batch, so batched and one-at-a-time decoding give the same bits.
 use half::f16;
+
+pub mod q8;
 
 #[cfg(target_arch = "x86_64")]
 use super::simd::{exp256, hsum256};
@@ -61,6 +63,22 @@ impl PagedLayout {
     /// an 8-bit store (each head's slots in order, so a block's 16 are contiguous).
     pub fn scale_index(&self, slot: usize, g: usize) -> usize {
         g * self.num_blocks * self.block_size + slot
+    }
+    /// Index of key `(slot, kv head, dim)` in an 8-bit store: inside a block, dims in
+    /// fours, `[head_dim/4][block_size][4]` (module [`q8`]; stored plus 128).
+    pub fn q8_key_index(&self, slot: usize, g: usize, i: usize) -> usize {
+        let (b, t) = (slot / self.block_size, slot % self.block_size);
+        self.key_block(b, g) + (i / 4) * self.block_size * 4 + t * 4 + i % 4
+    }
+    /// Index of value `(slot, kv head, dim)` in an 8-bit store: inside a block, slots in
+    /// fours, `[block_size/4][head_dim][4]` (module [`q8`]).
+    pub fn q8_value_index(&self, slot: usize, g: usize, c: usize) -> usize {
+        let (b, t) = (slot / self.block_size, slot % self.block_size);
+        self.value_index(b * self.block_size, g) + (t / 4) * self.head_dim * 4 + c * 4 + t % 4
+    }
+    /// Whether an 8-bit store can take this shape: block size and head dim multiples of 4.
+    pub fn q8_fits(&self) -> bool {
+        self.block_size.is_multiple_of(4) && self.head_dim.is_multiple_of(4)
     }
     /// Scales per layer (keys or values) of an 8-bit store.
     pub fn scales_len(&self) -> usize {
@@ -148,19 +166,37 @@ fn q8_scale(x: &[f32]) -> (f32, f32) {
 }
 
 /// Writes one token's new keys and values (`[n_kv · head_dim]` each) into `slot` of an
-/// 8-bit store: each K/V head's row rounded to i8 with its own scale.
+/// 8-bit store: each K/V head's row rounded to i8 with its own scale, in the layout of
+/// module [`q8`] (keys plus 128, four dims of a slot together; values four slots of a
+/// dim together). The layout must fit ([`PagedLayout::q8_fits`]; nothing is written
+/// otherwise).
 #[allow(clippy::too_many_arguments)]
 pub fn write_kv_q8(keys: &mut [i8], key_scales: &mut [f32], values: &mut [i8], value_scales: &mut [f32], layout: &PagedLayout, slot: usize, k: &[f32], v: &[f32]) {
+    if !layout.q8_fits() {
+        return;
+    }
     let (d, bs) = (layout.head_dim, layout.block_size);
-    let mut kq = vec![0i8; d];
+    // A row's bytes on the stack for the usual head dims (this runs per token and layer).
+    let (mut stack, mut heap) = ([0i8; 256], Vec::new());
+    let row: &mut [i8] = if d <= stack.len() {
+        &mut stack[..d]
+    } else {
+        heap.resize(d, 0);
+        &mut heap
+    };
     for g in 0..layout.n_kv {
-        key_scales[layout.scale_index(slot, g)] = quantize_q8(&k[g * d..(g + 1) * d], &mut kq);
-        let k0 = layout.key_index(slot, g, 0);
-        for (i, &q) in kq.iter().enumerate() {
-            keys[k0 + i * bs] = q;
+        key_scales[layout.scale_index(slot, g)] = quantize_q8(&k[g * d..(g + 1) * d], row);
+        let k0 = layout.q8_key_index(slot, g, 0);
+        for (r, quad) in row.chunks_exact(4).enumerate() {
+            for (o, &x) in keys[k0 + r * bs * 4..k0 + r * bs * 4 + 4].iter_mut().zip(quad) {
+                *o = (x as u8 ^ 0x80) as i8;
+            }
         }
-        let v0 = layout.value_index(slot, g);
-        value_scales[layout.scale_index(slot, g)] = quantize_q8(&v[g * d..(g + 1) * d], &mut values[v0..v0 + d]);
+        value_scales[layout.scale_index(slot, g)] = quantize_q8(&v[g * d..(g + 1) * d], row);
+        let v0 = layout.q8_value_index(slot, g, 0);
+        for (c, &x) in row.iter().enumerate() {
+            values[v0 + 4 * c] = x;
+        }
     }
 }
 
@@ -260,6 +296,14 @@ pub fn attend_paged<E: KvElem>(qs: &[f32], keys: &[E], values: &[E], scales: Opt
         out.fill(f32::NAN);
         return;
     }
+    if let (Some((k8, v8)), Some(s)) = (as_i8(keys, values), scales) {
+        if layout.q8_fits() {
+            q8::attend(qs, k8, v8, s, layout, g, table, first, last, spec, scratch, out);
+        } else {
+            out.fill(f32::NAN);
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         let heads = qs.len() / d;
@@ -271,10 +315,10 @@ pub fn attend_paged<E: KvElem>(qs: &[f32], keys: &[E], values: &[E], scales: Opt
                 // the stores (the block manager hands out ids below num_blocks).
                 unsafe {
                     match h1 - h0 {
-                        1 => paged_avx512::<E, 1>(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o),
-                        2 => paged_avx512::<E, 2>(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o),
-                        3 => paged_avx512::<E, 3>(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o),
-                        _ => paged_avx512::<E, 4>(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o),
+                        1 => paged_avx512::<E, 1>(q, keys, values, layout, g, table, first, last, spec, scratch, o),
+                        2 => paged_avx512::<E, 2>(q, keys, values, layout, g, table, first, last, spec, scratch, o),
+                        3 => paged_avx512::<E, 3>(q, keys, values, layout, g, table, first, last, spec, scratch, o),
+                        _ => paged_avx512::<E, 4>(q, keys, values, layout, g, table, first, last, spec, scratch, o),
                     }
                 }
             }
@@ -283,14 +327,23 @@ pub fn attend_paged<E: KvElem>(qs: &[f32], keys: &[E], values: &[E], scales: Opt
         if layout.block_size % 8 == 0 && d % 8 == 0 && super::has_avx2() {
             for (q, o) in qs.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
                 // SAFETY: AVX2, FMA and F16C were detected; as above for the blocks.
-                unsafe { paged_avx2(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o) };
+                unsafe { paged_avx2(q, keys, values, layout, g, table, first, last, spec, scratch, o) };
             }
             return;
         }
     }
     for (q, o) in qs.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        paged_scalar(q, keys, values, scales, layout, g, table, first, last, spec, scratch, o);
+        paged_scalar(q, keys, values, layout, g, table, first, last, spec, scratch, o);
     }
+}
+
+/// The stores as bytes when `E` is i8 (an 8-bit store, module [`q8`]).
+fn as_i8<'a, E: KvElem>(keys: &'a [E], values: &'a [E]) -> Option<(&'a [i8], &'a [i8])> {
+    if std::any::TypeId::of::<E>() != std::any::TypeId::of::<i8>() {
+        return None;
+    }
+    // SAFETY: E is i8, so the slices are i8 slices of the same length.
+    Some(unsafe { (std::slice::from_raw_parts(keys.as_ptr() as *const i8, keys.len()), std::slice::from_raw_parts(values.as_ptr() as *const i8, values.len())) })
 }
 
 /// How many consecutive tokens of one sequence [`attend_paged_tokens`] takes at once for
@@ -335,6 +388,12 @@ pub fn attend_paged_tokens<E: KvElem>(qs: &[f32], stride: usize, t: usize, heads
         && values.len() >= layout.len()
         && (!E::IS_I8 || scales.is_some_and(|s| s.k.len() >= layout.scales_len() && s.v.len() >= layout.scales_len()))
         && table[first / layout.block_size..=last / layout.block_size].iter().all(|&b| (b as usize) < layout.num_blocks);
+    if let Some((k8, v8)) = as_i8(keys, values) {
+        return match scales {
+            Some(s) if fits && layout.q8_fits() => q8::attend_tokens(qs, stride, t, heads, k8, v8, s, layout, g, table, first, last0, spec, scratch, out),
+            _ => false,
+        };
+    }
     #[cfg(target_arch = "x86_64")]
     if fits && super::has_avx512() {
         macro_rules! go {
@@ -342,7 +401,7 @@ pub fn attend_paged_tokens<E: KvElem>(qs: &[f32], stride: usize, t: usize, heads
                 match (heads, t) {
                     // SAFETY: AVX-512F and F16C were detected; the blocks lie inside the
                     // stores, and qs/out hold t rows of `heads · d` at `stride` (checked).
-                    $(($g, $t) => unsafe { tokens_avx512::<E, $g, $t>(qs, stride, keys, values, scales, layout, g, table, first, last0, spec, scratch, out) },)*
+                    $(($g, $t) => unsafe { tokens_avx512::<E, $g, $t>(qs, stride, keys, values, layout, g, table, first, last0, spec, scratch, out) },)*
                     _ => return false,
                 }
             };
@@ -358,7 +417,7 @@ pub fn attend_paged_tokens<E: KvElem>(qs: &[f32], stride: usize, t: usize, heads
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tokens_avx512<E: KvElem, const G: usize, const T: usize>(qs: &[f32], stride: usize, keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last0: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
+unsafe fn tokens_avx512<E: KvElem, const G: usize, const T: usize>(qs: &[f32], stride: usize, keys: &[E], values: &[E], layout: &PagedLayout, g: usize, table: &[u32], first: usize, last0: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (bs, d) = (layout.block_size, layout.head_dim);
     let last = last0 + T - 1;
@@ -368,7 +427,7 @@ unsafe fn tokens_avx512<E: KvElem, const G: usize, const T: usize>(qs: &[f32], s
     if scratch.len() < G * T * len {
         scratch.resize(G * T * len, 0.0);
     }
-    scores512::<E, G, T>(qs.as_ptr(), stride, keys, scales, layout, g, table, (b0, b1), spec, scratch.as_mut_ptr(), len);
+    scores512::<E, G, T>(qs.as_ptr(), stride, keys, layout, g, table, (b0, b1), spec, scratch.as_mut_ptr(), len);
     let mut inv = [[0f32; G]; T];
     for (t, it) in inv.iter_mut().enumerate() {
         for (h, v) in it.iter_mut().enumerate() {
@@ -389,17 +448,12 @@ unsafe fn tokens_avx512<E: KvElem, const G: usize, const T: usize>(qs: &[f32], s
             if blk < last / bs {
                 prefetch_values(vp, layout, table[blk + 1], g, c0, vbytes);
             }
-            let slot0 = table[blk] as usize * bs;
             for j in j0..=j1 {
                 let (v0, v1) = (load16(row), load16(row.add(16)));
-                let w = match (E::IS_I8, scales) {
-                    (true, Some(s)) => *s.v.get_unchecked(layout.scale_index(slot0 + j % bs, g)),
-                    _ => 1.0,
-                };
                 for (t, at) in acc.iter_mut().enumerate() {
                     if j <= last0 + t {
                         for (h, a) in at.iter_mut().enumerate() {
-                            let p = _mm512_set1_ps(*sp.add((t * G + h) * len + j - base) * w);
+                            let p = _mm512_set1_ps(*sp.add((t * G + h) * len + j - base));
                             a[0] = _mm512_fmadd_ps(p, v0, a[0]);
                             a[1] = _mm512_fmadd_ps(p, v1, a[1]);
                         }
@@ -424,9 +478,7 @@ fn slot_of(layout: &PagedLayout, table: &[u32], j: usize) -> usize {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn paged_scalar<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let ks = |slot: usize| scales.map_or(1.0, |s| s.k[layout.scale_index(slot, g)]);
-    let vs = |slot: usize| scales.map_or(1.0, |s| s.v[layout.scale_index(slot, g)]);
+fn paged_scalar<E: KvElem>(q: &[f32], keys: &[E], values: &[E], layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scores: &mut Vec<f32>, out: &mut [f32]) {
     let d = layout.head_dim;
     scores.clear();
     out.fill(0.0);
@@ -434,7 +486,7 @@ fn paged_scalar<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Option<S
     for j in first..=last {
         let slot = slot_of(layout, table, j);
         let dot: f32 = (0..d).map(|i| q[i] * keys[layout.key_index(slot, g, i)].to_f32()).sum();
-        let s = softcap(dot * ks(slot) * spec.scale, spec.softcap);
+        let s = softcap(dot * spec.scale, spec.softcap);
         mx = mx.max(s);
         scores.push(s);
     }
@@ -447,9 +499,8 @@ fn paged_scalar<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Option<S
     for (j, &p) in (first..=last).zip(scores.iter()) {
         let slot = slot_of(layout, table, j);
         let vi = layout.value_index(slot, g);
-        let w = p * vs(slot);
         for (a, b) in out.iter_mut().zip(&values[vi..vi + d]) {
-            *a += w * inv * b.to_f32();
+            *a += p * inv * b.to_f32();
         }
     }
 }
@@ -469,8 +520,6 @@ unsafe fn load16<E: KvElem>(p: *const E) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     if E::IS_F16 {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-    } else if E::IS_I8 {
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
     } else {
         _mm512_loadu_ps(p as *const f32)
     }
@@ -484,8 +533,6 @@ unsafe fn load8<E: KvElem>(p: *const E) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     if E::IS_F16 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    } else if E::IS_I8 {
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
     } else {
         _mm256_loadu_ps(p as *const f32)
     }
@@ -565,7 +612,7 @@ unsafe fn exp_normaliser512(s: &mut [f32], lo: usize, hi: usize, cap: Option<f32
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn scores512<E: KvElem, const G: usize, const T: usize>(qp: *const f32, stride: usize, keys: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], (b0, b1): (usize, usize), spec: RowSpec, sp: *mut f32, len: usize) {
+unsafe fn scores512<E: KvElem, const G: usize, const T: usize>(qp: *const f32, stride: usize, keys: &[E], layout: &PagedLayout, g: usize, table: &[u32], (b0, b1): (usize, usize), spec: RowSpec, sp: *mut f32, len: usize) {
     use std::arch::x86_64::*;
     let (bs, d) = (layout.block_size, layout.head_dim);
     let kp = keys.as_ptr();
@@ -595,14 +642,9 @@ unsafe fn scores512<E: KvElem, const G: usize, const T: usize>(qp: *const f32, s
                 }
                 i += 2;
             }
-            let mut sc = scale;
-            if let (true, Some(s)) = (E::IS_I8, scales) {
-                // The 16 slots' key scales, contiguous in the block.
-                sc = _mm512_mul_ps(sc, _mm512_loadu_ps(s.k.as_ptr().add(layout.scale_index(table[blk] as usize * bs + c, g))));
-            }
             for (t, at) in acc.iter().enumerate() {
                 for (h, a) in at.iter().enumerate() {
-                    _mm512_storeu_ps(sp.add((t * G + h) * len + (blk - b0) * bs + c), _mm512_mul_ps(_mm512_add_ps(a[0], a[1]), sc));
+                    _mm512_storeu_ps(sp.add((t * G + h) * len + (blk - b0) * bs + c), _mm512_mul_ps(_mm512_add_ps(a[0], a[1]), scale));
                 }
             }
         }
@@ -629,7 +671,7 @@ unsafe fn prefetch_values<E: KvElem>(vp: *const E, layout: &PagedLayout, blk: u3
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
+unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values: &[E], layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
     let (bs, d) = (layout.block_size, layout.head_dim);
     let (b0, b1) = (first / bs, last / bs);
     let base = b0 * bs;
@@ -639,7 +681,7 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
     }
     // Scores for every slot of the visible blocks (slots outside first..=last are
     // computed and ignored).
-    scores512::<E, G, 1>(qs.as_ptr(), 0, keys, scales, layout, g, table, (b0, b1), spec, scratch.as_mut_ptr(), len);
+    scores512::<E, G, 1>(qs.as_ptr(), 0, keys, layout, g, table, (b0, b1), spec, scratch.as_mut_ptr(), len);
     let (lo, hi) = (first - base, last - base);
     let mut inv = [0f32; G];
     for (h, v) in inv.iter_mut().enumerate() {
@@ -650,10 +692,10 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
     while c0 < d {
         let cn = ((d - c0) / 16).min(4);
         match cn {
-            4 => vpass512::<E, G, 4>(values, scales, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
-            3 => vpass512::<E, G, 3>(values, scales, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
-            2 => vpass512::<E, G, 2>(values, scales, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
-            _ => vpass512::<E, G, 1>(values, scales, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
+            4 => vpass512::<E, G, 4>(values, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
+            3 => vpass512::<E, G, 3>(values, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
+            2 => vpass512::<E, G, 2>(values, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
+            _ => vpass512::<E, G, 1>(values, layout, g, table, first, last, scratch, base, len, &inv, c0, out),
         }
         c0 += cn * 16;
     }
@@ -664,7 +706,7 @@ unsafe fn paged_avx512<E: KvElem, const G: usize>(qs: &[f32], keys: &[E], values
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, scores: &[f32], base: usize, len: usize, inv: &[f32; G], c0: usize, out: &mut [f32]) {
+unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, scores: &[f32], base: usize, len: usize, inv: &[f32; G], c0: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let d = layout.head_dim;
     let vp = values.as_ptr();
@@ -679,19 +721,13 @@ unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], sca
         if blk < last / bs {
             prefetch_values(vp, layout, table[blk + 1], g, c0, vbytes);
         }
-        let slot0 = table[blk] as usize * bs;
         for j in j0..=j1 {
             let mut vr = [_mm512_setzero_ps(); CN];
             for (c, v) in vr.iter_mut().enumerate() {
                 *v = load16(row.add(c * 16));
             }
-            // An 8-bit row's scale joins its weight (compiled out for f32 and f16).
-            let w = match (E::IS_I8, scales) {
-                (true, Some(s)) => *s.v.get_unchecked(layout.scale_index(slot0 + j % bs, g)),
-                _ => 1.0,
-            };
             for (h, a) in acc.iter_mut().enumerate() {
-                let p = _mm512_set1_ps(*sp.add(h * len + j - base) * w);
+                let p = _mm512_set1_ps(*sp.add(h * len + j - base));
                 for c in 0..CN {
                     a[c] = _mm512_fmadd_ps(p, vr[c], a[c]);
                 }
@@ -712,7 +748,7 @@ unsafe fn vpass512<E: KvElem, const G: usize, const CN: usize>(values: &[E], sca
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
+unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (bs, d) = (layout.block_size, layout.head_dim);
     let (b0, b1) = (first / bs, last / bs);
@@ -734,11 +770,7 @@ unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Opt
                 a1 = _mm256_fmadd_ps(_mm256_set1_ps(q[i + 1]), load8(kb.add((i + 1) * bs + c)), a1);
                 i += 2;
             }
-            let mut sc = scale;
-            if let (true, Some(s)) = (E::IS_I8, scales) {
-                sc = _mm256_mul_ps(sc, _mm256_loadu_ps(s.k.as_ptr().add(layout.scale_index(table[blk] as usize * bs + c, g))));
-            }
-            _mm256_storeu_ps(sp.add((blk - b0) * bs + c), _mm256_mul_ps(_mm256_add_ps(a0, a1), sc));
+            _mm256_storeu_ps(sp.add((blk - b0) * bs + c), _mm256_mul_ps(_mm256_add_ps(a0, a1), scale));
         }
     }
     let inv = exp_normaliser(scratch, first - base, last - base, spec.softcap);
@@ -752,13 +784,8 @@ unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], scales: Opt
         for blk in first / bs..=last / bs {
             let (j0, j1) = ((blk * bs).max(first), (blk * bs + bs - 1).min(last));
             let mut row = vp.add(layout.value_index(table[blk] as usize * bs + j0 % bs, g) + c0);
-            let slot0 = table[blk] as usize * bs;
             for j in j0..=j1 {
-                let w = match (E::IS_I8, scales) {
-                    (true, Some(s)) => *s.v.get_unchecked(layout.scale_index(slot0 + j % bs, g)),
-                    _ => 1.0,
-                };
-                let p = _mm256_set1_ps(*sp.add(j - base) * w);
+                let p = _mm256_set1_ps(*sp.add(j - base));
                 for (c, a) in acc.iter_mut().enumerate().take(cn) {
                     *a = _mm256_fmadd_ps(p, load8(row.add(c * 8)), *a);
                 }
@@ -797,23 +824,24 @@ mod tests {
     /// Writes one token into the stores (keys, values, key scales, value scales).
     type Writer<E> = fn(&mut [E], &mut [E], &mut [f32], &mut [f32], &PagedLayout, usize, &[f32], &[f32]);
 
+    // (head_dim, n_kv, heads per group, block size, first, last, softcap)
+    const CASES: [(usize, usize, usize, usize, usize, usize, Option<f32>); 8] = [
+        (64, 3, 3, 16, 0, 0, None),
+        (64, 3, 3, 16, 0, 36, None),
+        (256, 1, 4, 16, 5, 199, None),
+        (128, 2, 2, 32, 40, 48, Some(50.0)),
+        (64, 1, 6, 16, 0, 20, None),
+        (16, 2, 1, 16, 3, 3, None),
+        (8, 1, 1, 8, 0, 30, None),
+        (24, 1, 2, 4, 2, 9, None),
+    ];
+
     /// Every kernel against a float64 reference computed from what the store holds
-    /// (read back and checked against the written values: exactly `round(x)`, or for an
-    /// 8-bit store within half a quantization step), for several shapes.
-    fn check<E: KvElem>(write: Writer<E>, round: impl Fn(f32) -> f32) {
+    /// (read back and checked against the written values: exactly `round(x)`), for
+    /// several shapes.
+    fn check<E: KvElem>(round: impl Fn(f32) -> f32) {
         let mut rng = crate::sampling::Rng::new(17);
-        // (head_dim, n_kv, heads per group, block size, first, last, softcap)
-        let cases = [
-            (64usize, 3usize, 3usize, 16usize, 0usize, 0usize, None),
-            (64, 3, 3, 16, 0, 36, None),
-            (256, 1, 4, 16, 5, 199, None),
-            (128, 2, 2, 32, 40, 48, Some(50.0f32)),
-            (64, 1, 6, 16, 0, 20, None),
-            (16, 2, 1, 16, 3, 3, None),
-            (8, 1, 1, 8, 0, 30, None),
-            (24, 1, 2, 4, 2, 9, None),
-        ];
-        for &(d, n_kv, gh, bs, first, last, cap) in &cases {
+        for &(d, n_kv, gh, bs, first, last, cap) in &CASES {
             let nblocks = last / bs + 3;
             let layout = PagedLayout { block_size: bs, n_kv, head_dim: d, num_blocks: nblocks };
             // Out-of-order physical blocks, as a block manager hands them out.
@@ -821,46 +849,38 @@ mod tests {
             let total = layout.len();
             let mut keys = vec![E::from_f32(9.0); total];
             let mut values = vec![E::from_f32(-9.0); total];
-            let (mut ks, mut vs) = (vec![7f32; layout.scales_len()], vec![7f32; layout.scales_len()]);
             let mut kref = vec![vec![vec![0f32; d]; last + 1]; n_kv];
             let mut vref = kref.clone();
             for j in 0..=last {
                 let k: Vec<f32> = (0..n_kv * d).map(|_| (rng.next_f64() - 0.5) as f32 * 4.0).collect();
                 let v: Vec<f32> = (0..n_kv * d).map(|_| (rng.next_f64() - 0.5) as f32).collect();
                 let slot = slot_of(&layout, &table, j);
-                write(&mut keys, &mut values, &mut ks, &mut vs, &layout, slot, &k, &v);
+                write_kv(&mut keys, &mut values, &layout, slot, &k, &v);
                 for g in 0..n_kv {
-                    let (kscale, vscale) = if E::IS_I8 { (ks[layout.scale_index(slot, g)], vs[layout.scale_index(slot, g)]) } else { (1.0, 1.0) };
-                    kref[g][j] = (0..d).map(|i| keys[layout.key_index(slot, g, i)].to_f32() * kscale).collect();
-                    vref[g][j] = (0..d).map(|i| values[layout.value_index(slot, g) + i].to_f32() * vscale).collect();
+                    kref[g][j] = (0..d).map(|i| keys[layout.key_index(slot, g, i)].to_f32()).collect();
+                    vref[g][j] = (0..d).map(|i| values[layout.value_index(slot, g) + i].to_f32()).collect();
                     for i in 0..d {
-                        let (kw, vw) = (k[g * d + i], v[g * d + i]);
-                        if E::IS_I8 {
-                            assert!((kref[g][j][i] - kw).abs() <= kscale * 0.5001 && (vref[g][j][i] - vw).abs() <= vscale * 0.5001, "8-bit row {j} head {g} dim {i}");
-                        } else {
-                            assert!(kref[g][j][i] == round(kw) && vref[g][j][i] == round(vw), "stored row {j} head {g} dim {i}");
-                        }
+                        assert!(kref[g][j][i] == round(k[g * d + i]) && vref[g][j][i] == round(v[g * d + i]), "stored row {j} head {g} dim {i}");
                     }
                 }
             }
-            let scales = Some(Scales { k: &ks, v: &vs });
             let spec = RowSpec { head_dim: d, scale: 1.0 / (d as f32).sqrt(), softcap: cap };
             for g in 0..n_kv {
                 let qs: Vec<f32> = (0..gh * d).map(|_| (rng.next_f64() - 0.5) as f32).collect();
                 let mut scratch = Vec::new();
                 let mut fast = vec![1f32; gh * d];
-                attend_paged(&qs, &keys, &values, scales, &layout, g, &table, first, last, spec, &mut scratch, &mut fast);
+                attend_paged(&qs, &keys, &values, None, &layout, g, &table, first, last, spec, &mut scratch, &mut fast);
                 for h in 0..gh {
                     let q = &qs[h * d..(h + 1) * d];
                     let mut slow = vec![2f32; d];
-                    paged_scalar(q, &keys, &values, if E::IS_I8 { scales } else { None }, &layout, g, &table, first, last, spec, &mut scratch, &mut slow);
+                    paged_scalar(q, &keys, &values, &layout, g, &table, first, last, spec, &mut scratch, &mut slow);
                     let want = reference(q, &kref[g][first..=last], &vref[g][first..=last], spec);
                     // The AVX2 kernel too, where this CPU would otherwise take AVX-512.
                     #[cfg(target_arch = "x86_64")]
                     if bs % 8 == 0 && d % 8 == 0 && crate::kernels::has_avx2() {
                         let mut o2 = vec![3f32; d];
                         // SAFETY: AVX2, FMA and F16C detected; the blocks are inside the stores.
-                        unsafe { paged_avx2(q, &keys, &values, if E::IS_I8 { scales } else { None }, &layout, g, &table, first, last, spec, &mut scratch, &mut o2) };
+                        unsafe { paged_avx2(q, &keys, &values, &layout, g, &table, first, last, spec, &mut scratch, &mut o2) };
                         for i in 0..d {
                             assert!((o2[i] as f64 - want[i]).abs() < 1e-5, "avx2 d={d} {first}..={last} dim {i}");
                         }
@@ -880,10 +900,100 @@ mod tests {
     }
 
     #[test]
-    fn paged_attention_matches_f64_for_f32_f16_and_8_bit_stores() {
-        check::<f32>(write_plain::<f32>, |x| x);
-        check::<f16>(write_plain::<f16>, |x| f16::from_f32(x).to_f32());
-        check::<i8>(|k, v, ks, vs, l, slot, kn, vn| write_kv_q8(k, ks, v, vs, l, slot, kn, vn), |x| x);
+    fn paged_attention_matches_f64_for_f32_and_f16_stores() {
+        check::<f32>(|x| x);
+        check::<f16>(|x| f16::from_f32(x).to_f32());
+    }
+
+    /// The 8-bit store (module `q8`): what it holds is each written row within half a
+    /// quantization step, and the kernels (the vector ones where this CPU runs them, and
+    /// the scalar one) agree with a float64 reference computed from what the store holds
+    /// and from the query rounded as the kernels round it, within the rounding of the
+    /// weights: half a step (1/255 of its 16-slot group's largest weight) per weight.
+    #[test]
+    fn eight_bit_attention_matches_f64_within_its_weight_rounding() {
+        let mut rng = crate::sampling::Rng::new(23);
+        let mut widest = 0f64;
+        for &(d, n_kv, gh, bs, first, last, cap) in &CASES {
+            let nblocks = last / bs + 3;
+            let layout = PagedLayout { block_size: bs, n_kv, head_dim: d, num_blocks: nblocks };
+            assert!(layout.q8_fits());
+            let table: Vec<u32> = (0..=last / bs).map(|b| ((b * 7 + 2) % nblocks) as u32).collect();
+            let (mut keys, mut values) = (vec![99i8; layout.len()], vec![-99i8; layout.len()]);
+            let (mut ks, mut vs) = (vec![7f32; layout.scales_len()], vec![7f32; layout.scales_len()]);
+            // Per K/V head and position: the stored row (dequantized), the value bytes and
+            // the value row's scale.
+            let mut kref = vec![vec![vec![0f64; d]; last + 1]; n_kv];
+            let (mut vref, mut vbytes) = (kref.clone(), kref.clone());
+            let mut vscale = vec![vec![0f64; last + 1]; n_kv];
+            for j in 0..=last {
+                let k: Vec<f32> = (0..n_kv * d).map(|_| (rng.next_f64() - 0.5) as f32 * 4.0).collect();
+                let v: Vec<f32> = (0..n_kv * d).map(|_| (rng.next_f64() - 0.5) as f32).collect();
+                let slot = slot_of(&layout, &table, j);
+                write_kv_q8(&mut keys, &mut ks, &mut values, &mut vs, &layout, slot, &k, &v);
+                for g in 0..n_kv {
+                    let (kscale, vsc) = (ks[layout.scale_index(slot, g)], vs[layout.scale_index(slot, g)]);
+                    for i in 0..d {
+                        let kq = (keys[layout.q8_key_index(slot, g, i)] as u8) as i32 - 128;
+                        let vq = values[layout.q8_value_index(slot, g, i)] as i32;
+                        kref[g][j][i] = kq as f64 * kscale as f64;
+                        vbytes[g][j][i] = vq as f64;
+                        vref[g][j][i] = vq as f64 * vsc as f64;
+                        assert!((kref[g][j][i] - k[g * d + i] as f64).abs() <= kscale as f64 * 0.5001, "key row {j} head {g} dim {i}");
+                        assert!((vref[g][j][i] - v[g * d + i] as f64).abs() <= vsc as f64 * 0.5001, "value row {j} head {g} dim {i}");
+                    }
+                    vscale[g][j] = vsc as f64;
+                }
+            }
+            let s = Scales { k: &ks, v: &vs };
+            let spec = RowSpec { head_dim: d, scale: 1.0 / (d as f32).sqrt(), softcap: cap };
+            for g in 0..n_kv {
+                let qs: Vec<f32> = (0..gh * d).map(|_| (rng.next_f64() - 0.5) as f32).collect();
+                let mut scratch = Vec::new();
+                let mut fast = vec![1f32; gh * d];
+                attend_paged(&qs, &keys, &values, Some(s), &layout, g, &table, first, last, spec, &mut scratch, &mut fast);
+                for h in 0..gh {
+                    let q = &qs[h * d..(h + 1) * d];
+                    let mut slow = vec![2f32; d];
+                    q8::attend_scalar(q, &keys, &values, s, &layout, g, &table, first, last, spec, &mut scratch, &mut slow);
+                    // The reference: the query as the kernels round it, exact softmax.
+                    let mut q8 = vec![0i8; d];
+                    let sq = quantize_q8(q, &mut q8) as f64;
+                    let sc: Vec<f64> = (first..=last)
+                        .map(|j| {
+                            let dot = (0..d).map(|i| q8[i] as f64 * sq * kref[g][j][i]).sum::<f64>() * spec.scale as f64;
+                            cap.map_or(dot, |c| (dot / c as f64).tanh() * c as f64)
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let p: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = p.iter().sum();
+                    // Half a step per weight, each 16-slot group's step its largest / 255.
+                    let mut bound = vec![0f64; d];
+                    let mut lo = first;
+                    while lo <= last {
+                        let hi = q8::group_end(&layout, lo).min(last + 1);
+                        let step = (lo..hi).map(|j| p[j - first] * vscale[g][j]).fold(0f64, f64::max) / 255.0;
+                        for j in lo..hi {
+                            for (c, b) in bound.iter_mut().enumerate() {
+                                *b += 0.5 * step * vbytes[g][j][c].abs() / z;
+                            }
+                        }
+                        lo = hi;
+                    }
+                    for c in 0..d {
+                        let want: f64 = (first..=last).map(|j| p[j - first] * vref[g][j][c]).sum::<f64>() / z;
+                        let tol = bound[c] * 1.001 + 1e-5;
+                        widest = widest.max(bound[c]);
+                        assert!((fast[h * d + c] as f64 - want).abs() <= tol, "d={d} bs={bs} {first}..={last} g={g} head {h} dim {c}: {} vs {want} (bound {tol})", fast[h * d + c]);
+                        assert!((slow[c] as f64 - want).abs() <= tol, "scalar d={d} bs={bs} {first}..={last} dim {c}: {} vs {want} (bound {tol})", slow[c]);
+                    }
+                }
+            }
+        }
+        // The bound is a real constraint: the weights' rounding is small against the
+        // values (|v| <= 0.5).
+        assert!(widest > 0.0 && widest < 2e-3, "widest bound {widest}");
     }
 
     /// An 8-bit store without its scales is refused (NaN out), never read unscaled.

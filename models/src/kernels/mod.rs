@@ -12,6 +12,13 @@ pub fn has_avx512() -> bool {
     *AVX512.get_or_init(|| has_avx2() && std::is_x86_feature_detected!("avx512f") && std::env::var("HROMADA_KERNEL").as_deref() != Ok("avx2"))
 }
 
+/// Whether this CPU has AVX-512 F/BW and VNNI besides [`has_avx512`]'s (detected once).
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512_vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| has_avx512() && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vnni"))
+}
+
 /// Whether this CPU has AVX2, FMA and F16C (every AVX2 CPU has the other two; detected
 /// once).
 #[cfg(target_arch = "x86_64")]
