@@ -480,13 +480,27 @@ fn slot_of(layout: &PagedLayout, table: &[u32], j: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 fn paged_scalar<E: KvElem>(q: &[f32], keys: &[E], values: &[E], layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scores: &mut Vec<f32>, out: &mut [f32]) {
     let d = layout.head_dim;
-    scores.clear();
     out.fill(0.0);
+    let inv = softmax_scalar(first, last, spec.softcap, scores, |j| {
+        let slot = slot_of(layout, table, j);
+        (0..d).map(|i| q[i] * keys[layout.key_index(slot, g, i)].to_f32()).sum::<f32>() * spec.scale
+    });
+    for (j, &p) in (first..=last).zip(scores.iter()) {
+        let slot = slot_of(layout, table, j);
+        let vi = layout.value_index(slot, g);
+        for (a, b) in out.iter_mut().zip(&values[vi..vi + d]) {
+            *a += p * inv * b.to_f32();
+        }
+    }
+}
+
+/// `exp(s_j - max)` of the soft-capped scores `score(j)`, `j` in `first..=last`, into
+/// `scores` (scalar); returns 1 / Σ.
+fn softmax_scalar(first: usize, last: usize, cap: Option<f32>, scores: &mut Vec<f32>, score: impl Fn(usize) -> f32) -> f32 {
+    scores.clear();
     let mut mx = f32::NEG_INFINITY;
     for j in first..=last {
-        let slot = slot_of(layout, table, j);
-        let dot: f32 = (0..d).map(|i| q[i] * keys[layout.key_index(slot, g, i)].to_f32()).sum();
-        let s = softcap(dot * spec.scale, spec.softcap);
+        let s = softcap(score(j), cap);
         mx = mx.max(s);
         scores.push(s);
     }
@@ -495,14 +509,7 @@ fn paged_scalar<E: KvElem>(q: &[f32], keys: &[E], values: &[E], layout: &PagedLa
         *s = (*s - mx).exp();
         sum += *s;
     }
-    let inv = 1.0 / sum;
-    for (j, &p) in (first..=last).zip(scores.iter()) {
-        let slot = slot_of(layout, table, j);
-        let vi = layout.value_index(slot, g);
-        for (a, b) in out.iter_mut().zip(&values[vi..vi + d]) {
-            *a += p * inv * b.to_f32();
-        }
-    }
+    1.0 / sum
 }
 
 fn softcap(s: f32, cap: Option<f32>) -> f32 {

@@ -26,7 +26,7 @@
 //! The weights are rounded relative to each group's largest, so a group of small weights
 //! (keys far from the query) keeps its precision: the error is at most half a step per
 //! weight, a step being 1/255 of the group's largest.
-use super::{quantize_q8, slot_of, softcap, PagedLayout, RowSpec, Scales};
+use super::{quantize_q8, slot_of, softmax_scalar, PagedLayout, RowSpec, Scales};
 
 /// Whether the vector kernels run here (AVX-512 F/BW and VNNI, detected once).
 pub fn vectorized() -> bool {
@@ -121,21 +121,11 @@ pub(super) fn attend_scalar(q: &[f32], keys: &[i8], values: &[i8], s: Scales, la
     let mut q8 = vec![0i8; d];
     let cth = quantize_q8(q, &mut q8) * spec.scale;
     let qsum: i32 = q8.iter().map(|&x| x as i32).sum();
-    scores.clear();
-    let mut mx = f32::NEG_INFINITY;
-    for j in first..=last {
+    let inv = softmax_scalar(first, last, spec.softcap, scores, |j| {
         let slot = slot_of(layout, table, j);
         let dot: i32 = (0..d).map(|i| (keys[layout.q8_key_index(slot, g, i)] as u8) as i32 * q8[i] as i32).sum();
-        let sc = softcap((dot - 128 * qsum) as f32 * cth * s.k[layout.scale_index(slot, g)], spec.softcap);
-        mx = mx.max(sc);
-        scores.push(sc);
-    }
-    let mut sum = 0f32;
-    for p in scores.iter_mut() {
-        *p = (*p - mx).exp();
-        sum += *p;
-    }
-    let inv = 1.0 / sum;
+        (dot - 128 * qsum) as f32 * cth * s.k[layout.scale_index(slot, g)]
+    });
     let mut acc = vec![0f32; d];
     let mut isum = vec![0i32; d];
     let mut lo = first;
