@@ -120,8 +120,15 @@ impl Model {
         // Every architecture: embeddings, its blocks, the final norm.
         crate::kernels::pool().install(|| {
             let ctx = self.rope_ctx(ids.dim(0)?, cache)?;
+            // Quantized inference runs on this pool's kernels alone; keep its workers
+            // awake between them (not for dense weights, whose matmuls candle runs on
+            // another pool, nor for training).
+            let warm = (self.weights_quantized() && !ctx.differentiable).then(crate::kernels::KeepWarm::start);
             let mut x = self.embed(ids)?;
             for i in 0..self.num_layers() {
+                if let Some(w) = &warm {
+                    w.ensure();
+                }
                 x = self.block(i, &x, &ctx, cache)?;
             }
             self.final_norm(&x, ctx.differentiable)

@@ -44,6 +44,84 @@ pub(crate) fn on_pool(units: usize, f: impl Fn(usize) + Sync) {
     }
 }
 
+/// Keeps the pool's other workers awake for the life of the value (a quantized forward
+/// pass): each runs a job that takes the pool's pending work as it appears
+/// (`rayon::yield_now`) instead of parking between kernels, so a kernel's tasks start
+/// without waking a thread (on a 2-core VM waking one cost ~13% of a decode step and a
+/// quarter of a batch-1 token's time). A helper ends when the pass ends, when it lands on
+/// a thread that is itself inside a pass, or after [`KeepWarm::MAX_IDLE`] without work:
+/// a helper taken up by a thread waiting inside a task would otherwise hold that task
+/// until the pass ends, so it can delay the pass by at most that long, never stop it.
+/// `ensure` (once per layer) starts helpers again where they ended. `HROMADA_KEEP_WARM=0`
+/// turns it off.
+pub struct KeepWarm {
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Helpers running now.
+    live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    enabled: bool,
+}
+
+thread_local! {
+    /// Whether this thread has a pass (a [`KeepWarm`]) in progress.
+    static IN_PASS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl KeepWarm {
+    /// How long a helper spins without finding work before it lets its thread park.
+    pub const MAX_IDLE: std::time::Duration = std::time::Duration::from_millis(1);
+
+    /// Call on a pool worker (inside `pool().install`); elsewhere it does nothing.
+    pub fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        use std::sync::Arc;
+        let enabled = rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1 && !IN_PASS.get() && std::env::var("HROMADA_KEEP_WARM").as_deref() != Ok("0");
+        let w = Self { on: Arc::new(AtomicBool::new(true)), live: Arc::new(AtomicUsize::new(0)), enabled };
+        if enabled {
+            IN_PASS.set(true);
+            w.ensure();
+        }
+        w
+    }
+
+    /// Starts helpers until one per other worker runs.
+    pub fn ensure(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.enabled {
+            return;
+        }
+        while self.live.load(Ordering::Acquire) < rayon::current_num_threads() - 1 {
+            self.live.fetch_add(1, Ordering::AcqRel);
+            let (on, live) = (self.on.clone(), self.live.clone());
+            rayon::spawn(move || {
+                if !IN_PASS.get() {
+                    let mut idle: Option<std::time::Instant> = None;
+                    while on.load(Ordering::Acquire) {
+                        if matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                            idle = None;
+                            continue;
+                        }
+                        let now = std::time::Instant::now();
+                        if now.duration_since(*idle.get_or_insert(now)) > Self::MAX_IDLE {
+                            break;
+                        }
+                        std::hint::spin_loop();
+                    }
+                }
+                live.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+    }
+}
+
+impl Drop for KeepWarm {
+    fn drop(&mut self) {
+        if self.enabled {
+            self.on.store(false, std::sync::atomic::Ordering::Release);
+            IN_PASS.set(false);
+        }
+    }
+}
+
 /// The compute pool. A forward pass runs inside it (`install`), so the calling thread is
 /// one of its workers and no extra thread competes for the cores while idle workers spin
 /// between kernels (with 2 cores that competition cost a third of decode time).
@@ -67,4 +145,51 @@ fn unreachable_pool() -> rayon::ThreadPool {
     // Building a pool only fails when threads cannot be spawned at all; a one-thread
     // pool is the last resort and it too needs a thread. There is no way to continue.
     panic!("cannot spawn compute threads")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    /// Passes from several threads at once, each keeping the pool warm while its kernels
+    /// run nested parallel work (whose joins may take up another pass's helper): every
+    /// pass finishes with the right sums, none waits on another, and once they end the
+    /// helpers end too.
+    #[test]
+    fn warm_passes_finish_side_by_side_and_their_helpers_end() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lives: Vec<_> = (0..4u64)
+            .map(|t| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let live = pool().install(|| {
+                        let w = KeepWarm::start();
+                        for layer in 0..40u64 {
+                            w.ensure();
+                            let sum: u64 = (0..20_000u64).into_par_iter().map(|i| (i * (t + 1) + layer) % 7).sum();
+                            let want: u64 = (0..20_000u64).map(|i| (i * (t + 1) + layer) % 7).sum();
+                            assert_eq!(sum, want, "pass {t} layer {layer}");
+                            // A gap between kernels, as the serial steps of a layer leave.
+                            std::thread::sleep(std::time::Duration::from_micros(50));
+                        }
+                        w.live.clone()
+                    });
+                    tx.send(()).ok();
+                    live
+                })
+            })
+            .collect();
+        for _ in 0..4 {
+            rx.recv_timeout(std::time::Duration::from_secs(120)).expect("every pass finishes");
+        }
+        for h in lives {
+            let live = h.join().expect("pass thread");
+            let t0 = std::time::Instant::now();
+            while live.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                assert!(t0.elapsed() < std::time::Duration::from_secs(10), "helpers still running after their pass");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
 }
