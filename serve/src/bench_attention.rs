@@ -58,9 +58,7 @@ pub fn run(kind: KvCacheDType, cfg: &AttnBenchConfig) -> Result<AttnBenchResult,
     if c.layers == 0 || c.seqs == 0 || c.reps == 0 || c.block_size == 0 || c.head_dim == 0 || c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
         return Err(format!("bad shape: {c:?} (layers, seqs, reps, block size, head dim and K/V heads > 0; heads a multiple of K/V heads)"));
     }
-    if kind == KvCacheDType::Q8 && !(c.block_size.is_multiple_of(4) && c.head_dim.is_multiple_of(4)) {
-        return Err(format!("an 8-bit cache needs a block size and a head dim that are multiples of 4 (block size {}, head dim {})", c.block_size, c.head_dim));
-    }
+    let kind = PagedKv::fit_kind(kind, kind, c.block_size, c.head_dim)?;
     let row = PagedKv::cpu_row_bytes(kind, c.head_dim);
     let budget = c.kv_cache_mib.checked_mul(1 << 20).ok_or_else(|| format!("--kv-cache-mib {} is too large", c.kv_cache_mib))?;
     let num_blocks = PagedKv::blocks_for_budget(budget, c.layers, c.block_size, c.n_kv_heads, row);

@@ -97,14 +97,8 @@ impl Engine {
             tracing::warn!("--kv-cache-dtype f16/q8 applies to the CPU cache; the GPU cache keeps the model's precision (bf16 or f32)");
         }
         let (kv, num_blocks) = if device.is_cpu() {
-            let mut kind = PagedKv::cpu_kind(cfg.kv_cache_dtype, dtype, model.model.weights_quantized());
-            let layout = hromada_models::kernels::attn::PagedLayout { block_size: cfg.block_size, n_kv, head_dim: d, num_blocks: 1 };
-            if kind == KvCacheDType::Q8 && !layout.q8_fits() {
-                if cfg.kv_cache_dtype == KvCacheDType::Q8 {
-                    candle_core::bail!("--kv-cache-dtype q8 needs a block size and a head dim that are multiples of 4 (block size {}, head dim {d})", cfg.block_size);
-                }
-                kind = KvCacheDType::F16;
-            }
+            let kind = PagedKv::cpu_kind(cfg.kv_cache_dtype, dtype, model.model.weights_quantized());
+            let kind = PagedKv::fit_kind(kind, cfg.kv_cache_dtype, cfg.block_size, d).map_err(candle_core::Error::Msg)?;
             let row = PagedKv::cpu_row_bytes(kind, d);
             let num_blocks = PagedKv::blocks_for_budget(cfg.kv_cache_bytes, layers, cfg.block_size, n_kv, row).max(1);
             tracing::info!(num_blocks, block_size = cfg.block_size, kv_cache_dtype = ?kind, "paged KV cache");

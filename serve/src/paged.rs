@@ -93,6 +93,21 @@ impl PagedKv {
         }
     }
 
+    /// `kind` for a CPU cache of this block size and head dim. The 8-bit store's layout
+    /// needs both to be multiples of 4 ([`PagedLayout::q8_fits`]): where they are not, an
+    /// 8-bit cache the user asked for (`requested` Q8) is refused by name, and one that
+    /// `auto` chose becomes f16.
+    pub fn fit_kind(kind: KvCacheDType, requested: KvCacheDType, block_size: usize, head_dim: usize) -> std::result::Result<KvCacheDType, String> {
+        let layout = PagedLayout { block_size, n_kv: 1, head_dim, num_blocks: 1 };
+        match kind {
+            KvCacheDType::Q8 if !layout.q8_fits() && requested == KvCacheDType::Q8 => {
+                Err(format!("--kv-cache-dtype q8 needs a block size and a head dim that are multiples of 4 (block size {block_size}, head dim {head_dim})"))
+            }
+            KvCacheDType::Q8 if !layout.q8_fits() => Ok(KvCacheDType::F16),
+            k => Ok(k),
+        }
+    }
+
     /// Bytes one (slot, K/V head) row of keys or values takes in a CPU cache of `kind`.
     pub fn cpu_row_bytes(kind: KvCacheDType, head_dim: usize) -> usize {
         match kind {

@@ -97,8 +97,6 @@ impl PagedLayout {
 /// The element type of a K/V store.
 pub trait KvElem: Copy + Send + Sync + Default + 'static {
     const IS_F16: bool;
-    /// 8-bit values with a scale per (slot, K/V head) row ([`Scales`]).
-    const IS_I8: bool = false;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
     /// `dst[i] = from_f32(src[i])`, vectorised where the type allows.
@@ -135,7 +133,6 @@ impl KvElem for f16 {
 
 impl KvElem for i8 {
     const IS_F16: bool = false;
-    const IS_I8: bool = true;
     fn to_f32(self) -> f32 {
         self as f32
     }
@@ -275,8 +272,8 @@ pub fn write_kv<E: KvElem>(keys: &mut [E], values: &mut [E], layout: &PagedLayou
 /// for `E = i8`, ignored otherwise).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_paged<E: KvElem>(qs: &[f32], keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) {
-    let scales = if E::IS_I8 { scales } else { None };
-    if E::IS_I8 && scales.is_none() {
+    let scales = if is_i8::<E>() { scales } else { None };
+    if is_i8::<E>() && scales.is_none() {
         out.fill(f32::NAN);
         return;
     }
@@ -337,9 +334,14 @@ pub fn attend_paged<E: KvElem>(qs: &[f32], keys: &[E], values: &[E], scales: Opt
     }
 }
 
-/// The stores as bytes when `E` is i8 (an 8-bit store, module [`q8`]).
+/// Whether `E` is i8: an 8-bit store (module [`q8`]), with its [`Scales`].
+fn is_i8<E: KvElem>() -> bool {
+    std::any::TypeId::of::<E>() == std::any::TypeId::of::<i8>()
+}
+
+/// The stores as bytes when `E` is i8.
 fn as_i8<'a, E: KvElem>(keys: &'a [E], values: &'a [E]) -> Option<(&'a [i8], &'a [i8])> {
-    if std::any::TypeId::of::<E>() != std::any::TypeId::of::<i8>() {
+    if !is_i8::<E>() {
         return None;
     }
     // SAFETY: E is i8, so the slices are i8 slices of the same length.
@@ -368,7 +370,7 @@ pub fn token_group(heads: usize) -> usize {
 /// a shape it does not take, `t` above [`token_group`]): then attend token by token.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_paged_tokens<E: KvElem>(qs: &[f32], stride: usize, t: usize, heads: usize, keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last0: usize, spec: RowSpec, scratch: &mut Vec<f32>, out: &mut [f32]) -> bool {
-    let scales = if E::IS_I8 { scales } else { None };
+    let scales = if is_i8::<E>() { scales } else { None };
     let d = layout.head_dim;
     if t < 2 || d == 0 {
         return false;
@@ -386,7 +388,7 @@ pub fn attend_paged_tokens<E: KvElem>(qs: &[f32], stride: usize, t: usize, heads
         && last / layout.block_size < table.len()
         && keys.len() >= layout.len()
         && values.len() >= layout.len()
-        && (!E::IS_I8 || scales.is_some_and(|s| s.k.len() >= layout.scales_len() && s.v.len() >= layout.scales_len()))
+        && (!is_i8::<E>() || scales.is_some_and(|s| s.k.len() >= layout.scales_len() && s.v.len() >= layout.scales_len()))
         && table[first / layout.block_size..=last / layout.block_size].iter().all(|&b| (b as usize) < layout.num_blocks);
     if let Some((k8, v8)) = as_i8(keys, values) {
         return match scales {

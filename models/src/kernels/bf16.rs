@@ -220,9 +220,7 @@ impl Rows {
         }
         Self { a, rows, k }
     }
-}
 
-impl Rows {
     /// The row count, when these rows were made with reduction length `k` (else 0).
     fn rows_for(&self, k: usize) -> usize {
         if self.k == k && self.a.0.len() * 32 == self.rows * k {
@@ -259,7 +257,6 @@ pub unsafe fn matmul_rows(rows: &Rows, w: &Bf16Panels, out: *mut f32, ldo: usize
         };
     });
 }
-
 
 /// `act(rows · gateᵀ) · (rows · upᵀ)` into `out` (`rows.rows` rows of stride `ldo`,
 /// columns `0..gate.n` written, none read): a feed-forward block's gated activation

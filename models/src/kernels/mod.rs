@@ -74,7 +74,9 @@ impl KeepWarm {
     pub fn start() -> Self {
         use std::sync::atomic::{AtomicBool, AtomicUsize};
         use std::sync::Arc;
-        let enabled = rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1 && !IN_PASS.get() && std::env::var("HROMADA_KEEP_WARM").as_deref() != Ok("0");
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off = *OFF.get_or_init(|| std::env::var("HROMADA_KEEP_WARM").as_deref() == Ok("0"));
+        let enabled = !off && rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1 && !IN_PASS.get();
         let w = Self { on: Arc::new(AtomicBool::new(true)), live: Arc::new(AtomicUsize::new(0)), enabled };
         if enabled {
             IN_PASS.set(true);
