@@ -319,6 +319,10 @@ fn attend_tokens<E: KvElem>(
         let table = &seqs[si].table;
         let first = first_of(pos0);
         for g in 0..layout.n_kv {
+            // The next K/V head's blocks on their way while this one computes.
+            if g + 1 < layout.n_kv {
+                attn::prefetch_paged(keys, values, scales, layout, g + 1, table, first, pos0 + cnt - 1);
+            }
             let heads = g * rep..(g + 1) * rep;
             let (q0, q1) = ((t0 * h + heads.start) * d, ((t0 + cnt - 1) * h + heads.end) * d);
             let (o0, o1) = (heads.start * d, ((cnt - 1) * h + heads.end) * d);

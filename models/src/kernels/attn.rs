@@ -265,6 +265,55 @@ pub fn write_kv<E: KvElem>(keys: &mut [E], values: &mut [E], layout: &PagedLayou
     }
 }
 
+/// Asks the blocks that positions `first..=last` of K/V head `g` visit (keys, values and
+/// an 8-bit store's scales) into L2. A paged sequence's blocks lie anywhere in the store,
+/// so the hardware prefetcher cannot follow them and every block's first lines wait on
+/// DRAM: on a 2-core AMD EPYC VM the 8-bit decode attention over scattered blocks took
+/// twice as long as over contiguous ones. The kernels call it for their own blocks, and
+/// a caller that knows what it attends next can call it earlier (a hint: it reads and
+/// changes nothing, and skips what lies outside the stores).
+#[allow(clippy::too_many_arguments)]
+pub fn prefetch_paged<E: KvElem>(keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bs = layout.block_size;
+        let n = layout.head_dim * bs;
+        let Some(blocks) = table.get(first / bs..=last / bs) else { return };
+        if first > last || g >= layout.n_kv {
+            return;
+        }
+        let fetch = |p: *const E, len: usize| {
+            let p = p as *const i8;
+            for off in (0..len * std::mem::size_of::<E>()).step_by(64) {
+                // SAFETY: a prefetch is a hint that never faults; the lines lie inside
+                // the stores (checked below).
+                #[allow(unused_unsafe)]
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.wrapping_add(off))
+                };
+            }
+        };
+        for &b in blocks {
+            let b = b as usize;
+            let (k0, v0) = (layout.key_block(b, g), layout.value_index(b * bs, g));
+            if b >= layout.num_blocks || k0 + n > keys.len() || v0 + n > values.len() {
+                return;
+            }
+            fetch(keys.as_ptr().wrapping_add(k0), n);
+            fetch(values.as_ptr().wrapping_add(v0), n);
+            if let Some(s) = scales {
+                let i = layout.scale_index(b * bs, g);
+                if i + bs <= s.k.len() && i + bs <= s.v.len() {
+                    fetch(s.k.as_ptr().wrapping_add(i) as *const E, bs * 4 / std::mem::size_of::<E>());
+                    fetch(s.v.as_ptr().wrapping_add(i) as *const E, bs * 4 / std::mem::size_of::<E>());
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (keys, values, scales, layout, g, table, first, last);
+}
+
 /// One token's attention for the query heads `qs` (`G · head_dim`, consecutive heads
 /// sharing K/V head `g`) over positions `first..=last` of the sequence whose blocks are
 /// `table`: `out_h = softmax(scale · q_h·k_j) · v_j`. `scratch` is reused across calls;

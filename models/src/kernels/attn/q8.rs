@@ -179,6 +179,9 @@ unsafe fn tokens_vnni<const G: usize, const T: usize>(qs: &[f32], stride: usize,
     }
     let sp = scratch.as_mut_ptr();
     let (wp, swp, qp) = (sp.add(o_w) as *mut u8, sp.add(o_sw), sp.add(o_q) as *mut i8);
+    // Every visible block into L2 now (module `attn`'s `prefetch_paged`); the
+    // one-block-ahead fetches below then bring each from L2 to L1.
+    super::prefetch_paged(keys, values, Some(s), layout, g, table, first, last);
     // 1. The queries in 8 bits.
     let mut cth = [[0f32; G]; T];
     let mut qoff = [[_mm512_setzero_si512(); G]; T];
