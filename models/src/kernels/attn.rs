@@ -271,17 +271,20 @@ pub fn write_kv<E: KvElem>(keys: &mut [E], values: &mut [E], layout: &PagedLayou
 /// DRAM: on a 2-core AMD EPYC VM the 8-bit decode attention over scattered blocks took
 /// twice as long as over contiguous ones. The kernels call it for their own blocks, and
 /// a caller that knows what it attends next can call it earlier (a hint: it reads and
-/// changes nothing, and skips what lies outside the stores).
+/// changes nothing, and stops at the first block outside the stores). Returns how many
+/// blocks it asked for (0 where no prefetch instruction exists).
 #[allow(clippy::too_many_arguments)]
-pub fn prefetch_paged<E: KvElem>(keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize) {
+pub fn prefetch_paged<E: KvElem>(keys: &[E], values: &[E], scales: Option<Scales>, layout: &PagedLayout, g: usize, table: &[u32], first: usize, last: usize) -> usize {
+    #[allow(unused_mut)]
+    let mut asked = 0;
     #[cfg(target_arch = "x86_64")]
     {
         let bs = layout.block_size;
         let n = layout.head_dim * bs;
-        let Some(blocks) = table.get(first / bs..=last / bs) else { return };
-        if first > last || g >= layout.n_kv {
-            return;
+        if bs == 0 || first > last || g >= layout.n_kv {
+            return 0;
         }
+        let Some(blocks) = table.get(first / bs..=last / bs) else { return 0 };
         let fetch = |p: *const E, len: usize| {
             let p = p as *const i8;
             for off in (0..len * std::mem::size_of::<E>()).step_by(64) {
@@ -297,7 +300,7 @@ pub fn prefetch_paged<E: KvElem>(keys: &[E], values: &[E], scales: Option<Scales
             let b = b as usize;
             let (k0, v0) = (layout.key_block(b, g), layout.value_index(b * bs, g));
             if b >= layout.num_blocks || k0 + n > keys.len() || v0 + n > values.len() {
-                return;
+                break;
             }
             fetch(keys.as_ptr().wrapping_add(k0), n);
             fetch(values.as_ptr().wrapping_add(v0), n);
@@ -308,10 +311,12 @@ pub fn prefetch_paged<E: KvElem>(keys: &[E], values: &[E], scales: Option<Scales
                     fetch(s.v.as_ptr().wrapping_add(i) as *const E, bs * 4 / std::mem::size_of::<E>());
                 }
             }
+            asked += 1;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (keys, values, scales, layout, g, table, first, last);
+    asked
 }
 
 /// One token's attention for the query heads `qs` (`G · head_dim`, consecutive heads
@@ -860,6 +865,36 @@ unsafe fn paged_avx2<E: KvElem>(q: &[f32], keys: &[E], values: &[E], layout: &Pa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The prefetch hint asks for exactly the blocks a range visits and stops at the first
+    /// that lies outside the stores: tables pointing past the store, positions past the
+    /// table, an unknown K/V head, an empty range, short stores and a zero block size
+    /// return quietly.
+    #[test]
+    fn prefetching_asks_for_the_visited_blocks_and_stops_outside_the_store() {
+        let layout = PagedLayout { block_size: 16, n_kv: 3, head_dim: 64, num_blocks: 4 };
+        let keys = vec![0i8; layout.len()];
+        let values = vec![0i8; layout.len()];
+        let (sk, sv) = (vec![0.5f32; layout.scales_len()], vec![0.25f32; layout.scales_len()]);
+        let scales = Some(Scales { k: &sk, v: &sv });
+        let table = [3u32, 0, 2, 1];
+        let x86 = cfg!(target_arch = "x86_64");
+        let want = |n: usize| if x86 { n } else { 0 };
+        for g in 0..layout.n_kv {
+            assert_eq!(prefetch_paged(&keys, &values, scales, &layout, g, &table, 0, 63), want(4), "head {g}");
+        }
+        assert_eq!(prefetch_paged(&keys, &values, scales, &layout, 0, &table, 20, 40), want(2), "positions 20..=40: blocks 1 and 2");
+        assert_eq!(prefetch_paged(&keys, &values, scales, &layout, 3, &table, 0, 63), 0, "no K/V head 3");
+        assert_eq!(prefetch_paged(&keys, &values, scales, &layout, 0, &[2, 1000, u32::MAX], 0, 47), want(1), "stops at block 1000");
+        assert_eq!(prefetch_paged(&keys, &values, scales, &layout, 0, &table, 0, 64 * 16), 0, "positions past the table");
+        assert_eq!(prefetch_paged(&keys, &values, scales, &layout, 0, &table, 40, 3), 0, "empty range");
+        assert_eq!(prefetch_paged(&keys[..100], &values, scales, &layout, 1, &table, 0, 63), 0, "keys shorter than the layout");
+        assert_eq!(prefetch_paged(&keys, &values, None, &PagedLayout { block_size: 0, ..layout }, 0, &table, 0, 63), 0, "zero block size");
+        // Short scales: the blocks still, their scales not.
+        assert_eq!(prefetch_paged(&keys, &values, Some(Scales { k: &sk[..3], v: &sv }), &layout, 2, &table, 0, 63), want(4));
+        let f = vec![f16::ONE; layout.len()];
+        assert_eq!(prefetch_paged(&f, &f, None, &layout, 1, &table, 5, 60), want(4), "an f16 store");
+    }
 
     /// float64 reference for one head.
     fn reference(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], spec: RowSpec) -> Vec<f64> {
