@@ -285,9 +285,9 @@ pub fn prefetch_paged<E: KvElem>(keys: &[E], values: &[E], scales: Option<Scales
             return 0;
         }
         let Some(blocks) = table.get(first / bs..=last / bs) else { return 0 };
-        let fetch = |p: *const E, len: usize| {
-            let p = p as *const i8;
-            for off in (0..len * std::mem::size_of::<E>()).step_by(64) {
+        // Every 64-byte line of `bytes` bytes from `p`.
+        let fetch = |p: *const i8, bytes: usize| {
+            for off in (0..bytes).step_by(64) {
                 // SAFETY: a prefetch is a hint that never faults; the lines lie inside
                 // the stores (checked below).
                 #[allow(unused_unsafe)]
@@ -302,13 +302,14 @@ pub fn prefetch_paged<E: KvElem>(keys: &[E], values: &[E], scales: Option<Scales
             if b >= layout.num_blocks || k0 + n > keys.len() || v0 + n > values.len() {
                 break;
             }
-            fetch(keys.as_ptr().wrapping_add(k0), n);
-            fetch(values.as_ptr().wrapping_add(v0), n);
+            let size = std::mem::size_of::<E>();
+            fetch(keys.as_ptr().wrapping_add(k0) as *const i8, n * size);
+            fetch(values.as_ptr().wrapping_add(v0) as *const i8, n * size);
             if let Some(s) = scales {
                 let i = layout.scale_index(b * bs, g);
                 if i + bs <= s.k.len() && i + bs <= s.v.len() {
-                    fetch(s.k.as_ptr().wrapping_add(i) as *const E, bs * 4 / std::mem::size_of::<E>());
-                    fetch(s.v.as_ptr().wrapping_add(i) as *const E, bs * 4 / std::mem::size_of::<E>());
+                    fetch(s.k.as_ptr().wrapping_add(i) as *const i8, bs * std::mem::size_of::<f32>());
+                    fetch(s.v.as_ptr().wrapping_add(i) as *const i8, bs * std::mem::size_of::<f32>());
                 }
             }
             asked += 1;
