@@ -32,8 +32,16 @@ pub fn has_avx2() -> bool {
 /// that a decode step's small matmuls are not drowned in task overhead (on the calling
 /// thread when that is one range).
 pub(crate) fn on_pool(units: usize, f: impl Fn(usize) + Sync) {
+    on_pool_split(units, TASKS_PER_THREAD, f)
+}
+
+/// [`on_pool`]'s ranges per thread.
+pub(crate) const TASKS_PER_THREAD: usize = 4;
+
+/// [`on_pool`] with about `per_thread` ranges per thread (at least one unit each).
+pub(crate) fn on_pool_split(units: usize, per_thread: usize, f: impl Fn(usize) + Sync) {
     let threads = rayon::current_num_threads().max(1);
-    let per_task = units.div_ceil(threads * 4).max(1);
+    let per_task = units.div_ceil(threads * per_thread.max(1)).max(1);
     let tasks = units.div_ceil(per_task);
     let run = |t: usize| (t * per_task..((t + 1) * per_task).min(units)).for_each(&f);
     use rayon::prelude::*;
@@ -153,6 +161,31 @@ fn unreachable_pool() -> rayon::ThreadPool {
 mod tests {
     use super::*;
     use rayon::prelude::*;
+
+    /// Every unit runs exactly once, whatever the split (more ranges than units, one
+    /// range, none), on the pool and outside it.
+    #[test]
+    fn on_pool_split_runs_every_unit_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for units in [0usize, 1, 2, 7, 36, 61, 192] {
+            for per_thread in [0usize, 1, 4, 16, 1000] {
+                for inside in [false, true] {
+                    let hits: Vec<AtomicUsize> = (0..units).map(|_| AtomicUsize::new(0)).collect();
+                    let run = || on_pool_split(units, per_thread, |u| {
+                        hits[u].fetch_add(1, Ordering::Relaxed);
+                    });
+                    if inside {
+                        pool().install(run);
+                    } else {
+                        run();
+                    }
+                    for (u, h) in hits.iter().enumerate() {
+                        assert_eq!(h.load(Ordering::Relaxed), 1, "unit {u} of {units}, {per_thread} per thread, on the pool: {inside}");
+                    }
+                }
+            }
+        }
+    }
 
     /// Passes from several threads at once, each keeping the pool warm while its kernels
     /// run nested parallel work (whose joins may take up another pass's helper): every
