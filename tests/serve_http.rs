@@ -133,9 +133,8 @@ fn bad_requests_get_4xx_and_the_server_stays_healthy() {
 
 #[test]
 fn api_keys_are_required_and_checked() {
-    let dir = std::env::temp_dir().join(format!("hromada-keys-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let keys = dir.join("keys.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.txt");
     // sha256("secret-key-1")
     let out = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut c| {
         c.stdin.take().unwrap().write_all(b"secret-key-1")?;

@@ -212,15 +212,34 @@ impl Engine {
         let hidden = self.model.model.forward(&input, &mut batch)?;
         let tf = t0.elapsed().as_micros();
         let all_rows: Vec<u32> = sample_rows.iter().copied().chain(prompt_rows.iter().map(|r| r.2)).collect();
-        let mut logits: Vec<Vec<f32>> = if all_rows.is_empty() {
-            vec![]
+        let lt = if all_rows.is_empty() {
+            None
         } else {
             let rows = hidden.index_select(&Tensor::new(all_rows.as_slice(), &device)?, 0)?;
-            self.model.model.logits(&rows)?.to_vec2()?
+            Some(self.model.model.logits(&rows)?)
         };
+        // The logits rows read where the LM head wrote them (a CPU f32 tensor); copied out
+        // only from another device. (Copying them cost a 16-sequence step ~3 MB of memory
+        // traffic on one thread while the pool waited.)
+        let (guard, copied);
+        let flat: &[f32] = match &lt {
+            None => &[],
+            Some(t) => {
+                guard = t.storage_and_layout();
+                match (&*guard.0, guard.1.contiguous_offsets()) {
+                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+                    _ => {
+                        copied = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        &copied
+                    }
+                }
+            }
+        };
+        let vocab = flat.len() / all_rows.len().max(1);
+        let mut logits: Vec<&[f32]> = if vocab == 0 { vec![] } else { flat.chunks_exact(vocab).collect() };
         let tl = t0.elapsed().as_micros();
-        let prompt_logits = logits.split_off(sample_rows.len());
-        for ((id, p, _), row) in prompt_rows.iter().zip(&prompt_logits) {
+        let prompt_logits = logits.split_off(sample_rows.len().min(logits.len()));
+        for ((id, p, _), &row) in prompt_rows.iter().zip(&prompt_logits) {
             let (Some(st), Some(s)) = (self.states.get_mut(id), self.sched.seqs.get(id)) else { continue };
             let k = st.prompt_lp.unwrap_or(0);
             let token = s.tokens[p + 1];
@@ -236,7 +255,7 @@ impl Engine {
         // row at once, in parallel on the compute pool; the bookkeeping below is serial.
         let row_of: HashMap<SeqId, usize> = plan.iter().filter(|x| x.samples).map(|x| x.id).zip(0..logits.len()).collect();
         let mut work: Vec<(SeqId, &mut SeqState, &[f32])> =
-            self.states.iter_mut().filter_map(|(id, st)| row_of.get(id).map(|&r| (*id, st, logits[r].as_slice()))).collect();
+            self.states.iter_mut().filter_map(|(id, st)| row_of.get(id).and_then(|&r| logits.get(r)).map(|&row| (*id, st, row))).collect();
         let sampled: HashMap<SeqId, (hromada_models::sampling::Sampled, Vec<(u32, f32)>)> = hromada_models::kernels::pool().install(|| {
             use rayon::prelude::*;
             work.par_iter_mut()
