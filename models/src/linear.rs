@@ -365,10 +365,7 @@ fn with_cpu_rows<R>(x: &Tensor, in_dim: usize, f: impl FnOnce(&[f32], usize) -> 
     let xc = x.contiguous()?;
     let rows = xc.elem_count() / in_dim.max(1);
     let (st, l) = xc.storage_and_layout();
-    Ok(match (&*st, l.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => f(&v[a..b], rows),
-        _ => None,
-    })
+    Ok(crate::kernels::ops::cpu_f32(&st, l).and_then(|v| f(v, rows)))
 }
 
 /// `x`'s shape with its last dimension set to `n`.

@@ -222,23 +222,26 @@ impl Engine {
         // only from another device. (Copying them cost a 16-sequence step ~3 MB of memory
         // traffic on one thread while the pool waited.)
         let (guard, copied);
-        let flat: &[f32] = match &lt {
-            None => &[],
+        let (flat, vocab): (&[f32], usize) = match &lt {
+            None => (&[], 0),
             Some(t) => {
+                let (n, vocab) = t.dims2()?;
+                if n != all_rows.len() {
+                    return Err(candle_core::Error::Msg(format!("the LM head gave {n} rows of logits for {} requested", all_rows.len())).into());
+                }
                 guard = t.storage_and_layout();
-                match (&*guard.0, guard.1.contiguous_offsets()) {
-                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
-                    _ => {
+                match hromada_models::kernels::ops::cpu_f32(&guard.0, guard.1) {
+                    Some(v) => (v, vocab),
+                    None => {
                         copied = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                        &copied
+                        (&copied, vocab)
                     }
                 }
             }
         };
-        let vocab = flat.len() / all_rows.len().max(1);
         let mut logits: Vec<&[f32]> = if vocab == 0 { vec![] } else { flat.chunks_exact(vocab).collect() };
         let tl = t0.elapsed().as_micros();
-        let prompt_logits = logits.split_off(sample_rows.len().min(logits.len()));
+        let prompt_logits = logits.split_off(sample_rows.len());
         for ((id, p, _), &row) in prompt_rows.iter().zip(&prompt_logits) {
             let (Some(st), Some(s)) = (self.states.get_mut(id), self.sched.seqs.get(id)) else { continue };
             let k = st.prompt_lp.unwrap_or(0);

@@ -16,14 +16,20 @@ use std::mem::MaybeUninit;
 /// Elements below which an op runs on the calling thread (a decode step's rows).
 const PAR_MIN: usize = 1 << 13;
 
+/// A tensor's values in place, from its `storage_and_layout()`: Some when they are
+/// contiguous f32 on the CPU.
+pub fn cpu_f32<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Option<&'a [f32]> {
+    let Storage::Cpu(candle_core::CpuStorage::F32(v)) = storage else { return None };
+    let (a, b) = layout.contiguous_offsets()?;
+    v.get(a..b)
+}
+
 /// Runs `f(slices...)` over the contiguous f32 CPU data of `ts`, or returns None.
 fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices: Vec<&[f32]> = Vec::with_capacity(ts.len());
     for (g, l) in &guards {
-        let Storage::Cpu(candle_core::CpuStorage::F32(v)) = &**g else { return None };
-        let (a, b) = l.contiguous_offsets()?;
-        slices.push(&v[a..b]);
+        slices.push(cpu_f32(g, l)?);
     }
     Some(f(&slices))
 }
