@@ -43,6 +43,8 @@ if [ ! -x "$CU/bin/nvcc" ]; then
         'nvidia-curand==10.4.0.*' 'nvidia-cuda-nvrtc==13.0.*'
 fi
 mkdir -p "$LINK"
+# nvcc links from $CU/lib64 (its nvcc.profile); the wheels put the libraries in lib.
+[ -e "$CU/lib64" ] || ln -s lib "$CU/lib64"
 # Unversioned links (libcublas.so -> libcublas.so.13, ...) for `-lcublas`.
 for f in "$CU"/lib/lib*.so.*; do
     [ -e "$f" ] || continue

@@ -52,11 +52,11 @@ impl DeviceChoice {
                         "device cuda:{n}: this binary was built without CUDA (rebuild with `--features cuda`, see scripts/cuda-toolchain.sh)"
                     )));
                 }
-                Device::new_cuda(n).map_err(|e| Error::InvalidArgument(format!("device cuda:{n}: {e}")))?
+                cuda(n).map_err(|e| Error::InvalidArgument(format!("device cuda:{n}: {e}")))?
             }
             Self::Auto => {
                 if CUDA_BUILT {
-                    match Device::new_cuda(0) {
+                    match cuda(0) {
                         Ok(d) => d,
                         Err(e) => {
                             tracing::info!(reason = %e, "no usable GPU: running on the CPU");
@@ -71,6 +71,29 @@ impl DeviceChoice {
         tracing::info!(device = %describe(&dev), asked = %self, "device");
         Ok(dev)
     }
+}
+
+/// GPU `n` with one CUDA stream that every thread of the process issues its work to.
+///
+/// candle's `Device::new_cuda` gives each host thread its own stream (CUDA's per-thread
+/// default stream), and nothing orders one thread's stream after another's. hromada
+/// issues a forward pass from the compute pool's threads and uploads its inputs and reads
+/// its outputs from the caller's: on per-thread streams a kernel could read ids not yet
+/// copied, a copy could read logits not yet written, and memory freed on one stream could
+/// be reused on another while still read (seen on an H200: wrong logits, a device-side
+/// assert in an index_select, an illegal address in the server). One stream per GPU,
+/// shared by every load in the process, keeps all of it in issue order.
+pub fn cuda(n: usize) -> candle_core::Result<Device> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static DEVICES: OnceLock<Mutex<HashMap<usize, Device>>> = OnceLock::new();
+    let mut devices = DEVICES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(d) = devices.get(&n) {
+        return Ok(d.clone());
+    }
+    let d = Device::new_cuda_with_stream(n)?;
+    devices.insert(n, d.clone());
+    Ok(d)
 }
 
 /// `cpu` or `cuda:N`.
