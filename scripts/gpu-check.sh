@@ -201,7 +201,7 @@ section serve 120
 section llama 80
 section train 80
 section torch 70
-section eval 50
+section eval 100
 
 # One table of the figures.
 "$PY" - "$OUT" <<'PY' | tee "$OUT/summary.md"
