@@ -90,7 +90,7 @@ section() {
     fi
     echo "== $name (limit ${t}s)"
     s0=$(date +%s)
-    timeout -k 5 "$t" bash -c "set -euo pipefail; $(declare -f "sec_$name"); $(declare -f start_server wait_ready); sec_$name" > "$OUT/$name.log" 2>&1
+    timeout -k 5 "$t" bash -c "set -euo pipefail; $(declare -f "sec_$name"); $(declare -f start_server wait_ready sweep); sec_$name" > "$OUT/$name.log" 2>&1
     rc=$?
     tail -n 25 "$OUT/$name.log"
     case $rc in
@@ -117,6 +117,14 @@ start_server() {  # PORT ARGS...
         > "$OUT/serve-$port.log" 2>&1 &
     echo $! > "/tmp/serve-$port.pid"
     wait_ready "http://127.0.0.1:$port" /ready
+}
+sweep() {  # URL TAG CONCURRENCY...: output tok/s at 512 in / 128 out, 2 requests per slot (8 at least)
+    local url=$1 tag=$2 c
+    shift 2
+    for c in "$@"; do
+        "$B" bench serve --endpoint "$url" --num-prompts $(( c < 8 ? 8 : 2 * c )) --max-concurrency "$c" \
+            --input-len 512 --output-len 128 --json "$OUT/$tag-c$c.json"
+    done
 }
 
 sec_tests() {
@@ -146,19 +154,11 @@ r = json.load(open(sys.argv[1]))
 assert r["completed"] == 64 and r["failed"] == 0, f"64 concurrent streams: {r['completed']} completed, {r['failed']} failed"
 print("64 concurrent streaming requests: all completed")
 PY
-    for c in 1 8 32 64 128; do
-        n=$(( c < 8 ? 8 : 2 * c ))
-        "$B" bench serve --endpoint $url --num-prompts $n --max-concurrency $c --input-len 512 --output-len 128 \
-            --json "$OUT/serve-bf16-c$c.json"
-    done
+    sweep $url serve-bf16 1 8 32 64 128
     kill "$(cat /tmp/serve-18091.pid)"
     # The same GGUF kept quantized (what llama-server runs), at 1 and 64.
     start_server 18092 --dtype quantized
-    for c in 1 64; do
-        n=$(( c < 8 ? 8 : 2 * c ))
-        "$B" bench serve --endpoint http://127.0.0.1:18092 --num-prompts $n --max-concurrency $c --input-len 512 \
-            --output-len 128 --json "$OUT/serve-q4_1-c$c.json"
-    done
+    sweep http://127.0.0.1:18092 serve-q4_1 1 64
     kill "$(cat /tmp/serve-18092.pid)"
 }
 
@@ -169,11 +169,7 @@ sec_llama() {
     "$LL/llama-server" -m "$m" -ngl 99 --parallel 128 -c 90112 --port 18093 > "$OUT/llama-server.log" 2>&1 &
     local pid=$!
     wait_ready http://127.0.0.1:18093 /health
-    for c in 1 8 32 64 128; do
-        n=$(( c < 8 ? 8 : 2 * c ))
-        "$B" bench serve --endpoint http://127.0.0.1:18093 --num-prompts $n --max-concurrency $c --input-len 512 \
-            --output-len 128 --json "$OUT/llama-server-c$c.json"
-    done
+    sweep http://127.0.0.1:18093 llama-server 1 8 32 64 128
     kill $pid
 }
 
