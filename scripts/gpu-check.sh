@@ -19,6 +19,9 @@
 #   train     training tokens/s (LoRA, full; bf16 autocast, f32 master weights)
 #   torch     PyTorch + PEFT on the same model, data and config
 #   eval      zno_uk in process on the GPU beside the transformers loop
+#   events    (only when GPU_CHECK_ONLY names it) batch 1, the server at 1 and 64
+#             concurrent and training with cudarc's event tracking on, then off; then
+#             the GPU tests with it off
 # Results go to $OUT (the device tool's output folder) or ./gpu-out, packed as one
 # gpu-results.tar.gz (the device tool brings back at most 8 files) beside summary.md.
 # Env: GPU_CHECK_BUDGET (seconds for the whole script, default 500), GPU_CHECK_ONLY (a
@@ -27,7 +30,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET:-500}"
-ONLY="${GPU_CHECK_ONLY:-tests generate serve llama train torch eval}"
+ONLY="${GPU_CHECK_ONLY:-tests generate serve llama train torch eval}"  # events: on request
 H="${HROMADA_GPU_PIECES:-/tmp/h}"
 FINAL="${OUT:-$PWD/gpu-out}"
 OUT=/tmp/gpu-results
@@ -185,6 +188,28 @@ sec_torch() {
     done
 }
 
+sec_events() {
+    # cudarc's per-kernel event tracking on (HROMADA_CUDA_EVENT_TRACKING=1, the default)
+    # against off (=0), one after the other in this run; then the GPU tests with it off.
+    local ev port
+    for ev in 1 0; do
+        export HROMADA_CUDA_EVENT_TRACKING=$ev
+        "$B" bench generate --device cuda --reps 5 --json "$OUT/events$ev-generate-q4_1.json"
+        "$B" bench generate --device cuda --dtype bf16 --reps 5 --json "$OUT/events$ev-generate-bf16.json"
+        port=$((18094 + ev))
+        start_server $port --dtype bf16
+        sweep "http://127.0.0.1:$port" "events$ev-serve-bf16" 1 64
+        kill "$(cat "/tmp/serve-$port.pid")"
+        "$B" bench train --device cuda --seq-len 512 --batch 8 --steps 6 --warmup 2 --json "$OUT/events$ev-train.json"
+    done
+    local t failed=0
+    for t in $("$G/bin/serve-gpu-tests" --list 2>/dev/null | sed -n 's/: test$//p'); do
+        "$G/bin/serve-gpu-tests" --exact "$t" --nocapture || failed=$((failed + 1))
+    done
+    unset HROMADA_CUDA_EVENT_TRACKING
+    [ "$failed" = 0 ]
+}
+
 sec_eval() {
     "$B" eval run --model smollm2-135m --device cuda --dtype f32 --tasks zno_uk --output "$OUT/zno-smollm2"
     [ -d /tmp/smol-hf ] || "$B" convert smollm2-135m --out /tmp/smol-hf --dtype f32 >/dev/null
@@ -198,6 +223,7 @@ section llama 80
 section train 80
 section torch 70
 section eval 100
+section events 360
 
 # One table of the figures.
 "$PY" - "$OUT" <<'PY' | tee "$OUT/summary.md"
@@ -217,7 +243,8 @@ for tag, pat in [("hromada bf16", "serve-bf16-c{}.json"), ("hromada q4_1", "serv
 if rows:
     print("| server | concurrency | output tok/s | median TTFT ms | median TPOT ms | done/failed |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
-for p in ("generate-q4_1.json", "generate-bf16.json", "train-hromada.json"):
+for p in ("generate-q4_1.json", "generate-bf16.json", "train-hromada.json") + tuple(
+        f"events{e}-{k}.json" for e in (1, 0) for k in ("generate-q4_1", "generate-bf16", "serve-bf16-c1", "serve-bf16-c64", "train")):
     r = load(os.path.join(out, p))
     if r is not None:
         print(p, json.dumps(r)[:600])

@@ -83,6 +83,13 @@ impl DeviceChoice {
 /// be reused on another while still read (seen on an H200: wrong logits, a device-side
 /// assert in an index_select, an illegal address in the server). One stream per GPU,
 /// shared by every load in the process, keeps all of it in issue order.
+///
+/// Creating an explicit stream puts cudarc in multi-stream mode, where every kernel
+/// records a CUDA event for each buffer it reads or writes so that other streams can wait
+/// on them. No other stream exists here (nothing in hromada makes one), so those events
+/// order nothing and cost host time on every launch. `HROMADA_CUDA_EVENT_TRACKING=0` turns
+/// them off; it stays opt-in until a GPU run has passed the GPU tests with it and measured
+/// it (`GPU_CHECK_ONLY="tests events" scripts/gpu-check.sh` runs both settings).
 pub fn cuda(n: usize) -> candle_core::Result<Device> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
@@ -92,6 +99,17 @@ pub fn cuda(n: usize) -> candle_core::Result<Device> {
         return Ok(d.clone());
     }
     let d = Device::new_cuda_with_stream(n)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &d {
+        if std::env::var("HROMADA_CUDA_EVENT_TRACKING").as_deref() == Ok("0") {
+            // SAFETY: every tensor of this process lives on this device's one stream (the
+            // device is cached here and handed out to every load), so no buffer is used
+            // on a second stream and no cross-stream ordering is needed; the tracking
+            // flag only affects buffers allocated after this call, all of them on that
+            // stream.
+            unsafe { c.disable_event_tracking() };
+        }
+    }
     devices.insert(n, d.clone());
     Ok(d)
 }
