@@ -947,38 +947,66 @@ unsafe fn store16_avx2(out: *mut f32, lo: std::arch::x86_64::__m256, hi: std::ar
     }
 }
 
-/// Q4_1 tile with AVX2 (`maddubs`: 4-bit weights times i8 cannot saturate i16).
+/// Q4_1 tile with AVX2. AVX2 has 16 vector registers, so the tile's rows run in groups
+/// of [`AVX2_GROUP`] over the whole panel (its weights stay in L1 between groups) instead
+/// of one pass that keeps 16 rows' sums in spilled registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn q4_avx2<const R: usize>(wq: &[u8], wd: &[f32], wm: &[f32], aq: &[i8], ad: &[f32], asum: &[f32], kb: usize, out: *mut f32, ldo: usize, cols: usize) {
+    let k = kb * QK;
+    let mut r = 0;
+    while r < R {
+        let g = (R - r).min(AVX2_GROUP);
+        let (aq, ad, asum, out) = (&aq[r * k..], &ad[r * kb..], &asum[r * kb..], out.add(r * ldo));
+        match g {
+            1 => q4_avx2_rows::<1>(wq, wd, wm, aq, ad, asum, kb, out, ldo, cols),
+            2 => q4_avx2_rows::<2>(wq, wd, wm, aq, ad, asum, kb, out, ldo, cols),
+            3 => q4_avx2_rows::<3>(wq, wd, wm, aq, ad, asum, kb, out, ldo, cols),
+            _ => q4_avx2_rows::<AVX2_GROUP>(wq, wd, wm, aq, ad, asum, kb, out, ldo, cols),
+        }
+        r += g;
+    }
+}
+
+/// Rows the Q4_1 AVX2 kernel carries at once (see [`q4_avx2`]).
+const AVX2_GROUP: usize = 4;
+
+/// `G` rows of a Q4_1 tile with AVX2 (`maddubs`: 4-bit weights times i8). A product pair
+/// is at most 2·15·128 = 3840 in magnitude, so a block's eight pairs per lane sum in i16
+/// without saturating (30720 < 32768) and widen to i32 once per block: one `madd` where a
+/// widening per pair took eight. The sums are the same integers as before, so the result
+/// is bit for bit the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_avx2_rows<const G: usize>(wq: &[u8], wd: &[f32], wm: &[f32], aq: &[i8], ad: &[f32], asum: &[f32], kb: usize, out: *mut f32, ldo: usize, cols: usize) {
     use std::arch::x86_64::*;
     let k = kb * QK;
     let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut acc = [[_mm256_setzero_ps(); 2]; G];
     for b in 0..kb {
         let base = wq.as_ptr().add(b * 256);
-        let mut s = [[_mm256_setzero_si256(); 2]; R];
+        let mut s = [[_mm256_setzero_si256(); 2]; G];
         for j in 0..4 {
-            for hh in 0..2 {
-                let raw = _mm256_loadu_si256(base.add(j * 64 + hh * 32) as *const __m256i);
-                let wl = _mm256_and_si256(raw, low);
-                let wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-                for (i, s) in s.iter_mut().enumerate() {
-                    let ap = aq.as_ptr().add(i * k + b * QK) as *const i32;
-                    let al = _mm256_set1_epi32(ap.add(j).read_unaligned());
-                    let ah = _mm256_set1_epi32(ap.add(4 + j).read_unaligned());
-                    let p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wl, al), ones), _mm256_madd_epi16(_mm256_maddubs_epi16(wh, ah), ones));
-                    s[hh] = _mm256_add_epi32(s[hh], p);
-                }
+            let r0 = _mm256_loadu_si256(base.add(j * 64) as *const __m256i);
+            let r1 = _mm256_loadu_si256(base.add(j * 64 + 32) as *const __m256i);
+            let (wl0, wh0) = (_mm256_and_si256(r0, low), _mm256_and_si256(_mm256_srli_epi16(r0, 4), low));
+            let (wl1, wh1) = (_mm256_and_si256(r1, low), _mm256_and_si256(_mm256_srli_epi16(r1, 4), low));
+            for (i, s) in s.iter_mut().enumerate() {
+                let ap = aq.as_ptr().add(i * k + b * QK) as *const i32;
+                let al = _mm256_set1_epi32(ap.add(j).read_unaligned());
+                let ah = _mm256_set1_epi32(ap.add(4 + j).read_unaligned());
+                s[0] = _mm256_add_epi16(s[0], _mm256_add_epi16(_mm256_maddubs_epi16(wl0, al), _mm256_maddubs_epi16(wh0, ah)));
+                s[1] = _mm256_add_epi16(s[1], _mm256_add_epi16(_mm256_maddubs_epi16(wl1, al), _mm256_maddubs_epi16(wh1, ah)));
             }
         }
         for hh in 0..2 {
             let d = _mm256_loadu_ps(wd.as_ptr().add(b * NR + hh * 8));
             let m = _mm256_loadu_ps(wm.as_ptr().add(b * NR + hh * 8));
-            for i in 0..R {
-                let sf = _mm256_cvtepi32_ps(s[i][hh]);
+            for i in 0..G {
+                let sf = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[i][hh], ones));
                 acc[i][hh] = _mm256_fmadd_ps(sf, _mm256_mul_ps(d, _mm256_set1_ps(*ad.get_unchecked(i * kb + b))), acc[i][hh]);
                 acc[i][hh] = _mm256_fmadd_ps(m, _mm256_set1_ps(*asum.get_unchecked(i * kb + b)), acc[i][hh]);
             }
@@ -1597,6 +1625,29 @@ mod tests {
         let mut v = vec![Isa::Scalar];
         v.extend(simd_kernels());
         v
+    }
+
+    #[test]
+    fn largest_q4_1_block_sums_agree_on_every_kernel() {
+        // Every weight nibble 15 (but each block's first, its minimum) against activations
+        // at the 8-bit extreme: the AVX2 kernel's i16 block sums reach 8 · 2 · 15 · 127 =
+        // 30480 in a lane, just under i16's limit, and must still match the other kernels.
+        let (n, k, rows) = (16, 3 * QK, 6);
+        let w: Vec<f32> = (0..n * k).map(|i| if i % QK == 0 { 0.0 } else { 1.0 }).collect();
+        let x: Vec<f32> = (0..rows * k).map(|i| match i / k { 0 | 3 => -1.0, 1 => 1.0, _ => if i % 2 == 0 { 1.0 } else { -1.0 } }).collect();
+        let q4 = Q4_1Matrix::from_ggml_bytes(&ggml_q4_1(&w, n, k), n, k).unwrap();
+        let wd = q4.dequantize();
+        let y = q4.matmul_isa(&x, rows, Isa::Scalar);
+        for r in 0..rows {
+            for j in 0..n {
+                let exact: f32 = (0..k).map(|i| x[r * k + i] * wd[j * k + i]).sum();
+                assert!((y[r * n + j] - exact).abs() < 0.05, "{r},{j}: {} vs {exact}", y[r * n + j]);
+            }
+        }
+        assert!((y[0] + (k - k / QK) as f32).abs() < 0.5, "row 0 sums the ones: {}", y[0]);
+        for isa in isas() {
+            assert_eq!(q4.matmul_isa(&x, rows, isa), y, "{isa:?} differs");
+        }
     }
 
     #[test]
