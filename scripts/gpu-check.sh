@@ -93,7 +93,7 @@ section() {
     fi
     echo "== $name (limit ${t}s)"
     s0=$(date +%s)
-    timeout -k 5 "$t" bash -c "set -euo pipefail; $(declare -f "sec_$name"); $(declare -f start_server wait_ready sweep); sec_$name" > "$OUT/$name.log" 2>&1
+    timeout -k 5 "$t" bash -c "set -euo pipefail; $(declare -f "sec_$name"); $(declare -f start_server wait_ready sweep sec_tests); sec_$name" > "$OUT/$name.log" 2>&1
     rc=$?
     tail -n 25 "$OUT/$name.log"
     case $rc in
@@ -202,12 +202,7 @@ sec_events() {
         kill "$(cat "/tmp/serve-$port.pid")"
         "$B" bench train --device cuda --seq-len 512 --batch 8 --steps 6 --warmup 2 --json "$OUT/events$ev-train.json"
     done
-    local t failed=0
-    for t in $("$G/bin/serve-gpu-tests" --list 2>/dev/null | sed -n 's/: test$//p'); do
-        "$G/bin/serve-gpu-tests" --exact "$t" --nocapture || failed=$((failed + 1))
-    done
-    unset HROMADA_CUDA_EVENT_TRACKING
-    [ "$failed" = 0 ]
+    HROMADA_CUDA_EVENT_TRACKING=0 sec_tests
 }
 
 sec_eval() {
